@@ -1,0 +1,64 @@
+"""The PPO core shared by the Gymnasium and RLHF trainers: pure tensor functions, masks in every
+signature, and the minibatch update loop. Depends on torch alone."""
+
+from cliprail.ppo.advantages import gae
+from cliprail.ppo.kl import (
+    AdaptiveKLController,
+    FixedKLController,
+    ZieglerKLController,
+    kl_estimate,
+    kl_k1,
+    kl_k2,
+    kl_k3,
+)
+from cliprail.ppo.losses import (
+    clipped_surrogate,
+    entropy_bonus,
+    kl_penalized_surrogate,
+    plain_surrogate,
+    value_loss,
+)
+from cliprail.ppo.masked import (
+    explained_variance,
+    masked_count,
+    masked_mean,
+    masked_sum,
+    masked_var,
+    masked_whiten,
+)
+from cliprail.ppo.update import (
+    NonFiniteError,
+    UpdateResult,
+    linear_anneal,
+    minibatch_indices,
+    ppo_update,
+    set_learning_rate,
+)
+
+__all__ = [
+    "AdaptiveKLController",
+    "FixedKLController",
+    "NonFiniteError",
+    "UpdateResult",
+    "ZieglerKLController",
+    "clipped_surrogate",
+    "entropy_bonus",
+    "explained_variance",
+    "gae",
+    "kl_estimate",
+    "kl_k1",
+    "kl_k2",
+    "kl_k3",
+    "kl_penalized_surrogate",
+    "linear_anneal",
+    "masked_count",
+    "masked_mean",
+    "masked_sum",
+    "masked_var",
+    "masked_whiten",
+    "minibatch_indices",
+    "plain_surrogate",
+    "ppo_update",
+    "set_learning_rate",
+    "value_loss",
+]

@@ -1,0 +1,150 @@
+"""The reuse window: several epochs of shuffled minibatch updates over one rollout batch.
+
+:func:`ppo_update` knows nothing about networks or data layout. The caller gives it a ``loss_fn``
+that maps a 1-D tensor of sample indices to ``(loss, stats)``; the loop shuffles, slices, steps
+the optimizer once per minibatch (TRL #5645 stepped once per epoch), clips the global gradient
+norm, skips non-finite minibatches and stops early on approximate KL.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from cliprail.ppo.losses import Stats
+
+
+class NonFiniteError(RuntimeError):
+    """Too many minibatches in a row produced a non-finite loss or gradient."""
+
+
+@dataclass
+class UpdateResult:
+    """What one call of :func:`ppo_update` did.
+
+    ``stats`` holds the mean over the minibatches that stepped of every stat the loss returned,
+    plus ``loss`` and ``grad_norm`` (before clipping).
+    """
+
+    stats: dict[str, float] = field(default_factory=dict)
+    optimizer_steps: int = 0
+    epochs_completed: int = 0
+    early_stopped: bool = False
+    skipped_nonfinite: int = 0
+
+
+def linear_anneal(start: float, progress: float, end: float = 0.0) -> float:
+    """Linear schedule from ``start`` (progress 0) to ``end`` (progress 1); the PPO paper's
+    Atari setting anneals the learning rate and the clip range this way (Table 5, alpha)."""
+    progress = min(max(progress, 0.0), 1.0)
+    return start + (end - start) * progress
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set the learning rate of every parameter group."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def minibatch_indices(
+    batch_size: int, minibatch_size: int, generator: torch.Generator | None = None
+) -> list[Tensor]:
+    """One epoch's shuffled minibatches: ``batch_size // minibatch_size`` index tensors.
+
+    Raises ValueError when ``minibatch_size`` does not divide ``batch_size``: a ragged last
+    minibatch would weigh its samples more than the others.
+    """
+    if minibatch_size <= 0 or batch_size % minibatch_size != 0:
+        raise ValueError(
+            f"minibatch_size {minibatch_size} must be positive and divide batch_size {batch_size}"
+        )
+    perm = torch.randperm(batch_size, generator=generator)
+    return list(perm.split(minibatch_size))
+
+
+def ppo_update(
+    loss_fn: Callable[[Tensor], tuple[Tensor, Stats]],
+    optimizer: torch.optim.Optimizer,
+    params: Iterable[Tensor],
+    *,
+    batch_size: int,
+    minibatch_size: int,
+    epochs: int,
+    max_grad_norm: float | None = 0.5,
+    target_kl: float | None = None,
+    generator: torch.Generator | None = None,
+    max_nonfinite_in_row: int = 10,
+) -> UpdateResult:
+    """Run ``epochs`` passes of shuffled minibatch updates.
+
+    Args:
+        loss_fn: maps ``(M,)`` int64 indices into the batch to ``(loss, stats)``. ``stats`` may
+            hold ``approx_kl`` (a scalar tensor), which the early stop reads.
+        optimizer: stepped exactly once per minibatch that is not skipped.
+        params: the parameters whose global gradient norm is clipped.
+        batch_size: number of samples in the rollout batch.
+        minibatch_size: samples per optimizer step; must divide ``batch_size``.
+        epochs: passes over the batch (the reuse window, paper's K).
+        max_grad_norm: clip the global L2 norm of the gradients to this; None disables.
+        target_kl: when a minibatch's ``approx_kl`` exceeds this, stop the whole update before
+            stepping on that minibatch (SB3 tests against 1.5 x its ``target_kl``; here the
+            threshold is the number given). None disables.
+        generator: the RNG of the shuffles, for determinism.
+        max_nonfinite_in_row: raise :class:`NonFiniteError` after this many consecutive
+            minibatches with a non-finite loss or gradient norm; such minibatches are skipped and
+            never reach the weights.
+
+    Returns:
+        An :class:`UpdateResult`.
+    """
+    params = [p for p in params if p.requires_grad]
+    result = UpdateResult()
+    sums: dict[str, Tensor] = {}
+    nonfinite_in_row = 0
+    for _epoch in range(epochs):
+        for mb_inds in minibatch_indices(batch_size, minibatch_size, generator):
+            loss, stats = loss_fn(mb_inds)
+            if target_kl is not None and float(stats.get("approx_kl", 0.0)) > target_kl:
+                result.early_stopped = True
+                break
+            optimizer.zero_grad(set_to_none=True)
+            finite = bool(torch.isfinite(loss))
+            if finite:
+                loss.backward()
+                if max_grad_norm is not None:
+                    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm, foreach=True)
+                else:
+                    grad_norm = _grad_norm(params)
+                finite = bool(torch.isfinite(grad_norm))
+            if not finite:
+                optimizer.zero_grad(set_to_none=True)
+                result.skipped_nonfinite += 1
+                nonfinite_in_row += 1
+                if nonfinite_in_row >= max_nonfinite_in_row:
+                    raise NonFiniteError(
+                        f"{nonfinite_in_row} minibatches in a row had a non-finite loss or "
+                        "gradient; the weights were left as they were before them"
+                    )
+                continue
+            nonfinite_in_row = 0
+            optimizer.step()
+            result.optimizer_steps += 1
+            for name, value in (("loss", loss.detach()), ("grad_norm", grad_norm), *stats.items()):
+                sums[name] = sums[name] + value if name in sums else value.detach().clone()
+        else:
+            result.epochs_completed += 1
+            continue
+        break
+    n = max(result.optimizer_steps, 1)
+    result.stats = {k: float(v) / n for k, v in sums.items()}
+    return result
+
+
+def _grad_norm(params: list[Tensor]) -> Tensor:
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))

@@ -1,0 +1,74 @@
+"""Running statistics for observation normalisation and reward scaling.
+
+The statistics live in the trainer, not inside env wrappers, so they are saved with checkpoints,
+restored at evaluation and (later) merged across distributed ranks with one formula.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class RunningMeanStd:
+    """Mean and variance over a stream of batches (Chan et al.'s parallel algorithm), float64."""
+
+    def __init__(self, shape: tuple[int, ...] = (), epsilon: float = 1e-4) -> None:
+        self.mean = np.zeros(shape, np.float64)
+        self.var = np.ones(shape, np.float64)
+        self.count = epsilon  # a tiny prior count, as baselines do, so var starts at 1
+
+    def update(self, x: np.ndarray) -> None:
+        """Fold in a batch ``x`` of shape ``(N, *shape)``."""
+        self.merge(x.mean(axis=0), x.var(axis=0), x.shape[0])
+
+    def merge(self, batch_mean: np.ndarray, batch_var: np.ndarray, batch_count: float) -> None:
+        """Fold in another stream's moments (also how ranks' statistics combine)."""
+        delta = batch_mean - self.mean
+        total = self.count + batch_count
+        self.mean = self.mean + delta * batch_count / total
+        m2 = (
+            self.var * self.count
+            + batch_var * batch_count
+            + delta**2 * self.count * batch_count / total
+        )
+        self.var = m2 / total
+        self.count = total
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {"mean": self.mean, "var": self.var, "count": np.array(self.count, np.float64)}
+
+    def load(self, state: dict[str, np.ndarray]) -> None:
+        self.mean = np.asarray(state["mean"], np.float64).copy()
+        self.var = np.asarray(state["var"], np.float64).copy()
+        self.count = float(state["count"])
+
+
+class ObsNormalizer:
+    """``clip((obs - mean) / sqrt(var + eps), -clip, clip)`` with running statistics."""
+
+    def __init__(self, shape: tuple[int, ...], clip: float, eps: float = 1e-8) -> None:
+        self.rms = RunningMeanStd(shape)
+        self.clip, self.eps = clip, eps
+
+    def __call__(self, obs: np.ndarray, update: bool = True) -> np.ndarray:
+        if update:
+            self.rms.update(obs)
+        out = (obs - self.rms.mean) / np.sqrt(self.rms.var + self.eps)
+        return np.clip(out, -self.clip, self.clip).astype(np.float32)
+
+
+class RewardScaler:
+    """Divide rewards by the running std of the discounted return (not shifted by its mean), then
+    clip; the return resets at each episode end (baselines' VecNormalize, Huang et al. 2022)."""
+
+    def __init__(self, num_envs: int, gamma: float, clip: float, eps: float = 1e-8) -> None:
+        self.rms = RunningMeanStd(())
+        self.returns = np.zeros(num_envs, np.float64)
+        self.gamma, self.clip, self.eps = gamma, clip, eps
+
+    def __call__(self, rewards: np.ndarray, dones: np.ndarray) -> np.ndarray:
+        self.returns = self.returns * self.gamma + rewards
+        self.rms.update(self.returns)
+        scaled = rewards / np.sqrt(self.rms.var + self.eps)
+        self.returns[dones] = 0.0
+        return np.clip(scaled, -self.clip, self.clip).astype(np.float32)
