@@ -19,12 +19,11 @@ Stats = dict[str, Tensor]
 def _ratio_stats(log_ratio: Tensor, ratio: Tensor, mask: Tensor | None, clip_range: float) -> Stats:
     with torch.no_grad():
         lr, r = log_ratio.detach(), ratio.detach()
-        big = torch.full((), float("inf"), dtype=r.dtype, device=r.device)
         if mask is not None:
             m = mask if mask.dtype == torch.bool else mask != 0
-            r_min, r_max = torch.where(m, r, big).min(), torch.where(m, r, -big).max()
+            r_min, r_max = torch.aminmax(r[m]) if bool(m.any()) else (r.new_ones(()),) * 2
         else:
-            r_min, r_max = r.min(), r.max()
+            r_min, r_max = torch.aminmax(r)
         return {
             # Fraction of samples outside [1 - eps, 1 + eps] (CleanRL's and SB3's definition).
             "clip_fraction": masked_mean(((r - 1.0).abs() > clip_range).to(r.dtype), mask),

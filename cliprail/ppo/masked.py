@@ -48,6 +48,8 @@ def masked_mean(x: Tensor, mask: Tensor | None = None, dim: int | None = None) -
     >>> masked_mean(torch.tensor([[1.0, 3.0], [5.0, 100.0]]), torch.tensor([[1, 1], [1, 0]]))
     tensor(3.)
     """
+    if mask is None:
+        return x.mean() if dim is None else x.mean(dim)
     total = masked_sum(x, mask, dim)
     count = masked_count(x, mask, dim)
     return total / count.clamp_min(1.0)
@@ -73,8 +75,10 @@ def masked_whiten(
     >>> masked_whiten(torch.tensor([1.0, 3.0, 7.0]), torch.tensor([1, 1, 0]))
     tensor([-0.7071,  0.7071,  0.0000])
     """
-    mean = masked_mean(x, mask)
-    var = masked_var(x, mask)
+    if mask is None:  # fast path: the hot loop of the Gymnasium trainer calls this per minibatch
+        mean, var = x.mean(), x.var() if x.numel() > 1 else torch.zeros((), dtype=x.dtype)
+    else:
+        mean, var = masked_mean(x, mask), masked_var(x, mask)
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean

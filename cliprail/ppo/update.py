@@ -1,14 +1,15 @@
 """The reuse window: several epochs of shuffled minibatch updates over one rollout batch.
 
-:func:`ppo_update` knows nothing about networks or data layout. The caller gives it a ``loss_fn``
-that maps a 1-D tensor of sample indices to ``(loss, stats)``; the loop shuffles, slices, steps
+:func:`ppo_update` knows nothing about networks or data layout. The caller gives it a batch (a dict
+of tensors sharing their first dimension) and a ``loss_fn`` that maps a minibatch of it to
+``(loss, stats)``; the loop shuffles, slices, steps
 the optimizer once per minibatch (TRL #5645 stepped once per epoch), clips the global gradient
 norm, skips non-finite minibatches and stops early on approximate KL.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -26,7 +27,7 @@ class UpdateResult:
     """What one call of :func:`ppo_update` did.
 
     ``stats`` holds the mean over the minibatches that stepped of every stat the loss returned,
-    plus ``loss`` and ``grad_norm`` (before clipping).
+    plus ``loss`` and ``grad_norm`` (before clipping). Empty when no minibatch stepped.
     """
 
     stats: dict[str, float] = field(default_factory=dict)
@@ -57,20 +58,31 @@ def minibatch_indices(
     Raises ValueError when ``minibatch_size`` does not divide ``batch_size``: a ragged last
     minibatch would weigh its samples more than the others.
     """
-    if minibatch_size <= 0 or batch_size % minibatch_size != 0:
-        raise ValueError(
-            f"minibatch_size {minibatch_size} must be positive and divide batch_size {batch_size}"
-        )
+    _check_sizes(batch_size, minibatch_size)
     perm = torch.randperm(batch_size, generator=generator)
     return list(perm.split(minibatch_size))
 
 
+def _check_sizes(batch_size: int, minibatch_size: int) -> None:
+    if minibatch_size <= 0 or batch_size % minibatch_size != 0:
+        raise ValueError(
+            f"minibatch_size {minibatch_size} must be positive and divide batch_size {batch_size}"
+        )
+
+
+def _batch_size(batch: Mapping[str, Tensor]) -> int:
+    sizes = {k: v.shape[0] for k, v in batch.items()}
+    if not sizes or len(set(sizes.values())) != 1:
+        raise ValueError(f"ppo_update: batch tensors must share their first dimension, got {sizes}")
+    return next(iter(sizes.values()))
+
+
 def ppo_update(
-    loss_fn: Callable[[Tensor], tuple[Tensor, Stats]],
+    loss_fn: Callable[[dict[str, Tensor]], tuple[Tensor, Stats]],
     optimizer: torch.optim.Optimizer,
     params: Iterable[Tensor],
+    batch: Mapping[str, Tensor],
     *,
-    batch_size: int,
     minibatch_size: int,
     epochs: int,
     max_grad_norm: float | None = 0.5,
@@ -78,16 +90,19 @@ def ppo_update(
     generator: torch.Generator | None = None,
     max_nonfinite_in_row: int = 10,
 ) -> UpdateResult:
-    """Run ``epochs`` passes of shuffled minibatch updates.
+    """Run ``epochs`` passes of shuffled minibatch updates over ``batch``.
 
     Args:
-        loss_fn: maps ``(M,)`` int64 indices into the batch to ``(loss, stats)``. ``stats`` may
-            hold ``approx_kl`` (a scalar tensor), which the early stop reads.
+        loss_fn: maps a minibatch (the same keys as ``batch``, ``minibatch_size`` rows each) to
+            ``(loss, stats)``. ``stats`` may hold ``approx_kl`` (a scalar tensor), which the
+            early stop reads.
         optimizer: stepped exactly once per minibatch that is not skipped.
         params: the parameters whose global gradient norm is clipped.
-        batch_size: number of samples in the rollout batch.
-        minibatch_size: samples per optimizer step; must divide ``batch_size``.
-        epochs: passes over the batch (the reuse window, paper's K).
+        batch: name -> tensor, all sharing the first dimension (samples: env steps, or
+            sequences in RLHF). Each epoch permutes every tensor once, then minibatches are
+            contiguous slices (views, no gather per minibatch).
+        minibatch_size: rows per optimizer step; must divide the batch size.
+        epochs: passes over the batch (the reuse window, the paper's K).
         max_grad_norm: clip the global L2 norm of the gradients to this; None disables.
         target_kl: when a minibatch's ``approx_kl`` exceeds this, stop the whole update before
             stepping on that minibatch (SB3 tests against 1.5 x its ``target_kl``; here the
@@ -101,12 +116,17 @@ def ppo_update(
         An :class:`UpdateResult`.
     """
     params = [p for p in params if p.requires_grad]
+    batch_size = _batch_size(batch)
+    _check_sizes(batch_size, minibatch_size)
     result = UpdateResult()
-    sums: dict[str, Tensor] = {}
+    logged: dict[str, list[Tensor]] = {}
     nonfinite_in_row = 0
     for _epoch in range(epochs):
-        for mb_inds in minibatch_indices(batch_size, minibatch_size, generator):
-            loss, stats = loss_fn(mb_inds)
+        perm = torch.randperm(batch_size, generator=generator)
+        shuffled = {k: v[perm.to(v.device)] for k, v in batch.items()}
+        for start in range(0, batch_size, minibatch_size):
+            minibatch = {k: v[start : start + minibatch_size] for k, v in shuffled.items()}
+            loss, stats = loss_fn(minibatch)
             if target_kl is not None and float(stats.get("approx_kl", 0.0)) > target_kl:
                 result.early_stopped = True
                 break
@@ -132,14 +152,16 @@ def ppo_update(
             nonfinite_in_row = 0
             optimizer.step()
             result.optimizer_steps += 1
-            for name, value in (("loss", loss.detach()), ("grad_norm", grad_norm), *stats.items()):
-                sums[name] = sums[name] + value if name in sums else value.detach().clone()
+            for name, value in (("loss", loss), ("grad_norm", grad_norm), *stats.items()):
+                logged.setdefault(name, []).append(value.detach())
         else:
             result.epochs_completed += 1
             continue
         break
-    n = max(result.optimizer_steps, 1)
-    result.stats = {k: float(v) / n for k, v in sums.items()}
+    if logged:
+        names = list(logged)
+        means = torch.stack([torch.stack(logged[k]).float().mean().cpu() for k in names])
+        result.stats = dict(zip(names, means.tolist(), strict=True))
     return result
 
 
@@ -147,4 +169,4 @@ def _grad_norm(params: list[Tensor]) -> Tensor:
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))

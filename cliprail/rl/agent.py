@@ -148,3 +148,52 @@ def _gaussian_logprob(mean: Tensor, log_std: Tensor, actions: Tensor) -> Tensor:
     """Log density of a diagonal Gaussian, summed over action components: ``(N,)``."""
     z = (actions - mean) * torch.exp(-log_std)
     return (-0.5 * z.pow(2) - log_std - _LOG_SQRT_2PI).sum(-1)
+
+
+class NumpyPolicy:
+    """Acting for MLP policies on CPU in NumPy: the rollout's batch-of-a-few forward passes cost
+    tens of microseconds each in eager PyTorch and a few in NumPy.
+
+    The arrays *share memory* with the torch parameters, so optimizer steps show up here with
+    no copy. Only actions come from this path: the trainer recomputes the log-probs and values
+    it stores with :meth:`ActorCritic.evaluate`, the same computation as the training forward
+    pass, so the probability ratio is exactly 1 before the first step of an update.
+    """
+
+    def __init__(self, agent: ActorCritic, rng: np.random.Generator) -> None:
+        if not self.supports(agent):
+            raise ValueError("NumpyPolicy needs an MLP ActorCritic on the CPU in float32")
+        linears = [m for m in agent.actor.modules() if isinstance(m, nn.Linear)]
+        self.layers = [(m.weight.detach().numpy().T, m.bias.detach().numpy()) for m in linears]
+        self.tanh = any(isinstance(m, nn.Tanh) for m in agent.actor.modules())
+        self.continuous = agent.continuous
+        self.log_std = agent.log_std.detach().numpy() if agent.continuous else None
+        self.nvec = agent.nvec
+        self.rng = rng
+
+    @staticmethod
+    def supports(agent: ActorCritic) -> bool:
+        p = next(agent.parameters())
+        return agent.trunk is None and p.device.type == "cpu" and p.dtype == torch.float32
+
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        """Actions for ``obs`` ``(N, *obs_shape)``: ``(N, A)`` float32 raw Gaussian samples or
+        ``(N, k)`` int64 category indices."""
+        h = obs.reshape(obs.shape[0], -1)
+        last = len(self.layers) - 1
+        for i, (w_t, b) in enumerate(self.layers):
+            h = h @ w_t + b
+            if i < last:
+                h = np.tanh(h) if self.tanh else np.maximum(h, 0.0)
+        if self.log_std is not None:
+            noise = self.rng.standard_normal(h.shape, dtype=np.float32)
+            return h + np.exp(self.log_std) * noise
+        if len(self.nvec) == 1:
+            return self._sample(h)[:, None]
+        splits = np.cumsum(self.nvec)[:-1]
+        return np.stack([self._sample(x) for x in np.split(h, splits, axis=-1)], axis=-1)
+
+    def _sample(self, logits: np.ndarray) -> np.ndarray:
+        # Gumbel-max: argmax(logits - log E), E ~ Exp(1), equals sampling softmax(logits).
+        e = self.rng.standard_exponential(logits.shape, dtype=np.float32)
+        return np.argmax(logits - np.log(e), axis=-1).astype(np.int64)

@@ -104,7 +104,8 @@ def make_env_fn(cfg: RLConfig, render_mode: str | None = None) -> Callable[[], g
             env = gym.wrappers.TransformReward(env, _sign)  # reward clip
             env = gym.wrappers.FrameStackObservation(env, cfg.frame_stack)
             return env
-        env = gym.make(cfg.env_id, render_mode=render_mode)
+        kwargs = {} if render_mode is None else {"render_mode": render_mode}
+        env = gym.make(cfg.env_id, **kwargs)
         return gym.wrappers.RecordEpisodeStatistics(env)
 
     return thunk

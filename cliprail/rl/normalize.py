@@ -19,7 +19,10 @@ class RunningMeanStd:
 
     def update(self, x: np.ndarray) -> None:
         """Fold in a batch ``x`` of shape ``(N, *shape)``."""
-        self.merge(x.mean(axis=0), x.var(axis=0), x.shape[0])
+        if x.shape[0] == 1:  # one env: the batch mean is the row, its variance 0 (a hot path)
+            self.merge(x[0], 0.0, 1)  # type: ignore[arg-type]
+        else:
+            self.merge(x.mean(axis=0), x.var(axis=0), x.shape[0])
 
     def merge(self, batch_mean: np.ndarray, batch_var: np.ndarray, batch_count: float) -> None:
         """Fold in another stream's moments (also how ranks' statistics combine)."""

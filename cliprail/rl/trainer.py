@@ -45,12 +45,14 @@ from cliprail.ppo import (
     set_learning_rate,
     value_loss,
 )
-from cliprail.rl.agent import ActorCritic
+from cliprail.rl.agent import ActorCritic, NumpyPolicy
 from cliprail.rl.config import RLConfig, derived, validate
 from cliprail.rl.envs import SpaceSpec, make_vector_env, space_spec
 from cliprail.rl.normalize import ObsNormalizer, RewardScaler
 
 # Fields that may differ between the original command and its --resume.
+EVAL_CHUNK = 1024  # rows per batched no-grad pass over a rollout
+
 RESUMABLE_OVERRIDES = {
     "total_steps",
     "resume",
@@ -106,10 +108,9 @@ class RLTrainer:
             self.envs.single_observation_space, self.envs.single_action_space, cfg.env_id
         )
         self.agent = ActorCritic(self.spec, cfg).to(self.device)
-        self.optimizer = torch.optim.Adam(
-            self.agent.parameters(), lr=cfg.learning_rate, eps=cfg.adam_eps
-        )
+        self.optimizer = make_adam(self.agent.parameters(), cfg.learning_rate, cfg.adam_eps)
         self.shuffle_rng = torch.Generator().manual_seed(cfg.seed)
+        self.np_rng = np.random.default_rng(cfg.seed)  # the NumPy acting path's samples
         self.obs_norm = (
             ObsNormalizer(self.spec.obs_shape, cfg.clip_obs) if cfg.normalize_obs else None
         )
@@ -154,40 +155,45 @@ class RLTrainer:
             )
 
     def _alloc_buffers(self) -> None:
-        T, N, dev = self.cfg.num_steps, self.cfg.num_envs, self.device
-        obs_dtype = (
-            torch.uint8 if self.spec.obs_dtype == np.uint8 and self.cfg.atari else torch.float32
-        )
-        self.buf_obs = torch.zeros((T, N, *self.spec.obs_shape), dtype=obs_dtype, device=dev)
+        # Rollout storage in NumPy: the acting loop writes rows without torch dispatch; one
+        # torch.from_numpy (no copy) per rollout hands the batch to the learner.
+        T, N = self.cfg.num_steps, self.cfg.num_envs
+        obs_dtype = np.uint8 if self.cfg.atari else np.float32
+        self.np_obs = np.zeros((T, N, *self.spec.obs_shape), dtype=obs_dtype)
         if self.agent.continuous:
-            self.buf_actions = torch.zeros((T, N, self.spec.action_dim), device=dev)
+            self.np_actions = np.zeros((T, N, self.spec.action_dim), dtype=np.float32)
         else:
-            self.buf_actions = torch.zeros(
-                (T, N, len(self.spec.nvec)), dtype=torch.long, device=dev
-            )
-        self.buf_logprobs = torch.zeros((T, N), device=dev)
-        self.buf_values = torch.zeros((T, N), device=dev)
-        self.buf_rewards = torch.zeros((T, N), device=dev)
-        self.buf_terminated = torch.zeros((T, N), dtype=torch.bool, device=dev)
-        self.buf_truncated = torch.zeros((T, N), dtype=torch.bool, device=dev)
-        self.buf_final_values = torch.zeros((T, N), device=dev)
+            self.np_actions = np.zeros((T, N, len(self.spec.nvec)), dtype=np.int64)
+        self.np_rewards = np.zeros((T, N), dtype=np.float32)
+        self.np_terminated = np.zeros((T, N), dtype=bool)
+        self.np_truncated = np.zeros((T, N), dtype=bool)
 
     # --- acting ------------------------------------------------------------------------------
-    def _obs_tensor(self, obs: np.ndarray, update_stats: bool) -> Tensor:
+    def _normalize(self, obs: np.ndarray, update_stats: bool) -> np.ndarray:
         if self.obs_norm is not None:
-            obs = self.obs_norm(obs, update=update_stats)
-        elif obs.dtype == np.float64:
-            obs = obs.astype(np.float32)
-        return torch.as_tensor(obs, device=self.device)
+            return self.obs_norm(obs, update=update_stats)
+        if self.cfg.atari:
+            return obs
+        return obs.astype(np.float32, copy=False)
 
-    def _env_actions(self, actions: Tensor) -> np.ndarray:
-        a = actions.cpu().numpy()
+    def _env_actions(self, actions: np.ndarray) -> np.ndarray:
         if self.agent.continuous:
             # Clip what the env receives; the raw sample stays in the buffer (37 details, c#4).
-            return np.clip(a, self._low, self._high)
+            return np.clip(actions, self._low, self._high)
         if self.spec.kind == "discrete":
-            return a[:, 0] + self._starts[0]
-        return a + self._starts
+            return actions[:, 0] + self._starts[0]
+        return actions + self._starts
+
+    def _actor(self) -> Callable[[np.ndarray], np.ndarray]:
+        if NumpyPolicy.supports(self.agent):
+            return NumpyPolicy(self.agent, self.np_rng).act
+
+        def torch_act(obs: np.ndarray) -> np.ndarray:
+            with torch.inference_mode():
+                actions, _, _ = self.agent.act(torch.as_tensor(obs, device=self.device))
+            return actions.cpu().numpy()
+
+        return torch_act
 
     def collect(self, obs: np.ndarray) -> tuple[Rollout, np.ndarray, list[tuple[float, int]]]:
         """Step the envs ``num_steps`` times from ``obs``.
@@ -195,42 +201,68 @@ class RLTrainer:
         Returns the rollout, the observation to continue from, and the ``(return, length)`` of
         every episode that ended.
         """
+        act = self._actor()
         episodes: list[tuple[float, int]] = []
-        self.buf_final_values.zero_()
-        obs_t = self._obs_tensor(obs, update_stats=True)
-        with torch.inference_mode():
-            for t in range(self.cfg.num_steps):
-                self.buf_obs[t] = obs_t
-                actions, logprobs, values = self.agent.act(obs_t)
-                self.buf_actions[t] = actions
-                self.buf_logprobs[t] = logprobs
-                self.buf_values[t] = values
-                obs, rewards, terminated, truncated, info = self.envs.step(
-                    self._env_actions(actions)
-                )
-                dones = terminated | truncated
-                if self.reward_scaler is not None:
-                    rewards = self.reward_scaler(rewards, dones)
-                self.buf_rewards[t] = torch.as_tensor(rewards, dtype=torch.float32)
-                self.buf_terminated[t] = torch.as_tensor(terminated)
-                self.buf_truncated[t] = torch.as_tensor(truncated)
-                if dones.any():
-                    episodes += _finished_episodes(info)
-                    cut = np.flatnonzero(truncated & ~terminated)
-                    if cut.size:  # bootstrap from the true last observation (SB3 #633)
-                        final = np.stack([info["final_obs"][i] for i in cut])
-                        final_t = self._obs_tensor(final, update_stats=False)
-                        self.buf_final_values[t, torch.as_tensor(cut)] = self.agent.value(final_t)
-                obs_t = self._obs_tensor(obs, update_stats=True)
-            last_values = self.agent.value(obs_t)
-        next_values = torch.cat([self.buf_values[1:], last_values[None]])
-        next_values = torch.where(self.buf_truncated, self.buf_final_values, next_values)
+        finals: list[tuple[int, np.ndarray, np.ndarray]] = []  # (t, env indices, final obs)
+        obs_n = self._normalize(obs, update_stats=True)
+        for t in range(self.cfg.num_steps):
+            self.np_obs[t] = obs_n
+            actions = act(obs_n)
+            self.np_actions[t] = actions
+            obs, rewards, terminated, truncated, info = self.envs.step(self._env_actions(actions))
+            dones = terminated | truncated
+            if self.reward_scaler is not None:
+                rewards = self.reward_scaler(rewards, dones)
+            self.np_rewards[t] = rewards
+            self.np_terminated[t] = terminated
+            self.np_truncated[t] = truncated
+            if dones.any():
+                episodes += _finished_episodes(info)
+                cut = np.flatnonzero(truncated & ~terminated)
+                if cut.size:  # bootstrap from the true last observation (SB3 #633)
+                    final = np.stack([info["final_obs"][i] for i in cut])
+                    finals.append((t, cut, self._normalize(final, update_stats=False)))
+            obs_n = self._normalize(obs, update_stats=True)
         self.global_step += self.sizes.batch_size
-        rollout = Rollout(
-            self.buf_obs, self.buf_actions, self.buf_logprobs, self.buf_values,
-            self.buf_rewards, self.buf_terminated, self.buf_truncated, next_values,
+        return self._finish_rollout(obs_n, finals), obs, episodes
+
+    def _finish_rollout(
+        self, last_obs: np.ndarray, finals: list[tuple[int, np.ndarray, np.ndarray]]
+    ) -> Rollout:
+        """Log-probs and values of the whole rollout in batched passes of the training
+        computation (:meth:`ActorCritic.evaluate`), and the bootstrap values."""
+        T, N, dev = self.cfg.num_steps, self.cfg.num_envs, self.device
+        obs = torch.from_numpy(self.np_obs).to(dev)  # (T, N, *obs_shape)
+        actions = torch.from_numpy(self.np_actions).to(dev)  # (T, N, k | A)
+        flat_obs, flat_actions = (
+            obs.reshape(T * N, *self.spec.obs_shape),
+            actions.reshape(T * N, -1),
+        )
+        with torch.no_grad():
+            parts = [
+                self.agent.evaluate(o, a)
+                for o, a in zip(
+                    flat_obs.split(EVAL_CHUNK), flat_actions.split(EVAL_CHUNK), strict=True
+                )
+            ]
+            logprobs = torch.cat([p[0] for p in parts]).view(T, N)
+            values = torch.cat([p[2] for p in parts]).view(T, N)
+            last_values = self.agent.value(torch.as_tensor(last_obs, device=dev))  # (N,)
+            final_values = torch.zeros((T, N), device=dev)
+            if finals:
+                v = self.agent.value(
+                    torch.as_tensor(np.concatenate([f[2] for f in finals]), device=dev)
+                )
+                rows = torch.as_tensor(np.concatenate([np.full(len(f[1]), f[0]) for f in finals]))
+                cols = torch.as_tensor(np.concatenate([f[1] for f in finals]))
+                final_values[rows.to(dev), cols.to(dev)] = v
+        truncated = torch.from_numpy(self.np_truncated).to(dev)
+        next_values = torch.cat([values[1:], last_values[None]])  # V(s_{t+1}) inside episodes
+        next_values = torch.where(truncated, final_values, next_values)
+        return Rollout(
+            obs, actions, logprobs, values, torch.from_numpy(self.np_rewards).to(dev),
+            torch.from_numpy(self.np_terminated).to(dev), truncated, next_values,
         )  # fmt: skip
-        return rollout, obs, episodes
 
     # --- learning ----------------------------------------------------------------------------
     def _objective(self, clip: float) -> Callable[..., tuple[Tensor, dict[str, Tensor]]]:
@@ -249,20 +281,24 @@ class RLTrainer:
             gamma=cfg.gamma, lam=cfg.gae_lambda,
         )  # fmt: skip
         # Flatten (T, N, ...) -> (T*N, ...)
-        b_obs = ro.obs.reshape(-1, *self.spec.obs_shape)
-        b_actions = ro.actions.reshape(-1, ro.actions.shape[-1])
-        b_logprobs, b_values = ro.logprobs.reshape(-1), ro.values.reshape(-1)
-        b_adv, b_returns = advantages.reshape(-1), returns.reshape(-1)
+        batch = {
+            "obs": ro.obs.reshape(-1, *self.spec.obs_shape),
+            "actions": ro.actions.reshape(-1, ro.actions.shape[-1]),
+            "logprobs": ro.logprobs.reshape(-1),
+            "values": ro.values.reshape(-1),
+            "advantages": advantages.reshape(-1),
+            "returns": returns.reshape(-1),
+        }
         objective = self._objective(clip)
 
-        def loss_fn(mb: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-            logprobs, entropy, values = self.agent.evaluate(b_obs[mb], b_actions[mb])
-            adv = b_adv[mb]
+        def loss_fn(mb: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+            logprobs, entropy, values = self.agent.evaluate(mb["obs"], mb["actions"])
+            adv = mb["advantages"]
             if cfg.normalize_advantages:
                 adv = masked_whiten(adv)
-            pg_loss, stats = objective(logprobs, b_logprobs[mb], adv)
+            pg_loss, stats = objective(logprobs, mb["logprobs"], adv)
             v_loss, v_stats = value_loss(
-                values, b_values[mb], b_returns[mb], clip_range=cfg.clip_range_vf
+                values, mb["values"], mb["returns"], clip_range=cfg.clip_range_vf
             )
             ent, e_stats = entropy_bonus(entropy)
             loss = pg_loss - cfg.ent_coef * ent + cfg.vf_coef * v_loss  # PPO paper eq. 9
@@ -273,14 +309,13 @@ class RLTrainer:
             return loss, stats
 
         result = ppo_update(
-            loss_fn, self.optimizer, self.agent.parameters(),
-            batch_size=self.sizes.batch_size, minibatch_size=cfg.minibatch_size,
-            epochs=cfg.epochs, max_grad_norm=cfg.max_grad_norm, target_kl=cfg.target_kl,
-            generator=self.shuffle_rng,
+            loss_fn, self.optimizer, self.agent.parameters(), batch,
+            minibatch_size=cfg.minibatch_size, epochs=cfg.epochs,
+            max_grad_norm=cfg.max_grad_norm, target_kl=cfg.target_kl, generator=self.shuffle_rng,
         )  # fmt: skip
         stats = dict(result.stats)
         stats.update(
-            explained_variance=float(explained_variance(b_values, b_returns)),
+            explained_variance=float(explained_variance(batch["values"], batch["returns"])),
             epochs_completed=result.epochs_completed,
             optimizer_steps=result.optimizer_steps,
             early_stopped=int(result.early_stopped),
@@ -386,6 +421,7 @@ class RLTrainer:
             "kl_controller": self.kl_ctl.state_dict() if self.kl_ctl else None,
             "python_rng": _py_rng_to_json(random.getstate()),
             "numpy_rng": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+            "acting_rng": self.np_rng.bit_generator.state,
         }
         return save_checkpoint(
             self.run_dir / "checkpoints", f"update_{self.update_idx:07d}", tensors, state,
@@ -414,9 +450,21 @@ class RLTrainer:
             self.kl_ctl.load_state_dict(state["kl_controller"])
         if state.get("python_rng"):
             random.setstate(_py_rng_from_json(state["python_rng"]))
+        if state.get("acting_rng"):
+            self.np_rng.bit_generator.state = state["acting_rng"]
         if state.get("numpy_rng"):
             s = state["numpy_rng"]
             np.random.set_state((s[0], np.asarray(s[1], dtype=np.uint32), *s[2:]))
+
+
+def make_adam(params: Any, lr: float, eps: float) -> torch.optim.Optimizer:
+    """Adam with the fused kernel where this torch build has it (CPU and CUDA): one kernel
+    for all parameters instead of a dozen small ops per tensor."""
+    params = list(params)
+    try:
+        return torch.optim.Adam(params, lr=lr, eps=eps, fused=True)
+    except (RuntimeError, TypeError):  # pragma: no cover - older builds or other devices
+        return torch.optim.Adam(params, lr=lr, eps=eps)
 
 
 def load_normalizers(
