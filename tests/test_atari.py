@@ -47,7 +47,7 @@ def test_episodic_life_ends_learner_episode_but_not_game():
     )
     lives_start = life.lives
     for _ in range(5000):
-        _, _, term, trunc, _ = env.step(0)  # NOOP until the ball is lost
+        _, _, term, _, _ = env.step(0)  # NOOP until the ball is lost
         if term:
             break
     assert term and not life.game_over  # a life was lost, the game goes on

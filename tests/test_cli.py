@@ -58,7 +58,10 @@ def test_mujoco_preset_and_overrides_in_config(tmp_path, capsys):
     ("args", "message"),
     [
         (["--env-id", "NoSuchEnv-v9"], "unknown environment id 'NoSuchEnv-v9'"),
-        (["--env-id", "cliprail-test/MultiBinary-v0"], "action space MultiBinary(3) is not supported"),
+        (
+            ["--env-id", "cliprail-test/MultiBinary-v0"],
+            "action space MultiBinary(3) is not supported",
+        ),
         (["--clip-range", "0"], "--clip-range must be > 0"),
         (["--minibatch-size", "100"], "--minibatch-size 100 must divide the batch size"),
         (["--gamma", "1.5"], "--gamma must be in (0, 1]"),

@@ -50,7 +50,7 @@ def test_shuffles_deterministic_under_seed():
     for _ in range(2):
         w, batch = _setup(16)
         got = []
-        ppo_update(lambda mb, got=got: (got.append(mb["idx"]) or w.sum(), {}),
+        ppo_update(lambda mb, got=got, w=w: (got.append(mb["idx"]) or w.sum(), {}),
                    torch.optim.SGD([w], lr=0.1), [w], batch, minibatch_size=4, epochs=2,
                    generator=torch.Generator().manual_seed(7))  # fmt: skip
         orders.append(torch.cat(got).tolist())
