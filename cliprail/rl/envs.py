@@ -104,7 +104,7 @@ def make_env_fn(cfg: RLConfig, render_mode: str | None = None) -> Callable[[], g
             env = gym.wrappers.TransformReward(env, _sign)  # reward clip
             env = gym.wrappers.FrameStackObservation(env, cfg.frame_stack)
             return env
-        kwargs = {} if render_mode is None else {"render_mode": render_mode}
+        kwargs: dict[str, Any] = {} if render_mode is None else {"render_mode": render_mode}
         env = gym.make(cfg.env_id, **kwargs)
         return gym.wrappers.RecordEpisodeStatistics(env)
 
