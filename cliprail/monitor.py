@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -87,8 +86,6 @@ class Progress:
 
     def __init__(self, total: int, description: str, enabled: bool = True, completed: int = 0):
         self.enabled = enabled
-        self._start = time.perf_counter()
-        self._start_completed = completed
         self._bar: Any = None
         if enabled:
             from rich.progress import (

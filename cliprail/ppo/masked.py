@@ -76,7 +76,7 @@ def masked_whiten(
     tensor([-0.7071,  0.7071,  0.0000])
     """
     if mask is None:  # fast path: the hot loop of the Gymnasium trainer calls this per minibatch
-        mean, var = x.mean(), x.var() if x.numel() > 1 else torch.zeros((), dtype=x.dtype)
+        mean, var = x.mean(), x.var() if x.numel() > 1 else x.new_zeros(())
     else:
         mean, var = masked_mean(x, mask), masked_var(x, mask)
     out = (x - mean) * torch.rsqrt(var + eps)

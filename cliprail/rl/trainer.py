@@ -232,6 +232,8 @@ class RLTrainer:
         """Log-probs and values of the whole rollout in batched passes of the training
         computation (:meth:`ActorCritic.evaluate`), and the bootstrap values."""
         T, N, dev = self.cfg.num_steps, self.cfg.num_envs, self.device
+        # On CPU these tensors alias the NumPy buffers (no copy): the next collect() overwrites
+        # them, so a Rollout is valid until then, which is all the update needs.
         obs = torch.from_numpy(self.np_obs).to(dev)  # (T, N, *obs_shape)
         actions = torch.from_numpy(self.np_actions).to(dev)  # (T, N, k | A)
         flat_obs, flat_actions = (
