@@ -101,7 +101,9 @@ def save_checkpoint(
     try:
         files: dict[str, bytes] = {
             f"{group}.safetensors": save(
-                {k: v.detach().contiguous().cpu() for k, v in group_tensors.items()}
+                # clone: parameters may be views of one flat buffer, and safetensors refuses
+                # tensors that share memory
+                {k: v.detach().cpu().clone() for k, v in group_tensors.items()}
             )
             for group, group_tensors in tensors.items()
         }

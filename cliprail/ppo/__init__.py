@@ -2,6 +2,7 @@
 signature, and the minibatch update loop. Depends on torch alone."""
 
 from cliprail.ppo.advantages import gae
+from cliprail.ppo.flat import flatten_parameters
 from cliprail.ppo.kl import (
     AdaptiveKLController,
     FixedKLController,
@@ -29,10 +30,12 @@ from cliprail.ppo.masked import (
 from cliprail.ppo.update import (
     NonFiniteError,
     UpdateResult,
+    clip_grad_norm,
     linear_anneal,
     minibatch_indices,
     ppo_update,
     set_learning_rate,
+    zero_grads,
 )
 
 __all__ = [
@@ -41,9 +44,11 @@ __all__ = [
     "NonFiniteError",
     "UpdateResult",
     "ZieglerKLController",
+    "clip_grad_norm",
     "clipped_surrogate",
     "entropy_bonus",
     "explained_variance",
+    "flatten_parameters",
     "gae",
     "kl_estimate",
     "kl_k1",
@@ -61,4 +66,5 @@ __all__ = [
     "ppo_update",
     "set_learning_rate",
     "value_loss",
+    "zero_grads",
 ]

@@ -97,7 +97,9 @@ def ppo_update(
             ``(loss, stats)``. ``stats`` may hold ``approx_kl`` (a scalar tensor), which the
             early stop reads.
         optimizer: stepped exactly once per minibatch that is not skipped.
-        params: the parameters whose global gradient norm is clipped.
+        params: the parameters the optimizer trains: their gradients are zeroed in place before
+            each backward and their global norm is clipped (a flat parameter from
+            :func:`cliprail.ppo.flat.flatten_parameters` makes each of these one op).
         batch: name -> tensor, all sharing the first dimension (samples: env steps, or
             sequences in RLHF). Each epoch permutes every tensor once, then minibatches are
             contiguous slices (views, no gather per minibatch).
@@ -130,17 +132,14 @@ def ppo_update(
             if target_kl is not None and float(stats.get("approx_kl", 0.0)) > target_kl:
                 result.early_stopped = True
                 break
-            optimizer.zero_grad(set_to_none=True)
+            zero_grads(params)
             finite = bool(torch.isfinite(loss))
             if finite:
                 loss.backward()
-                if max_grad_norm is not None:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm, foreach=True)
-                else:
-                    grad_norm = _grad_norm(params)
+                grad_norm = clip_grad_norm(params, max_grad_norm)
                 finite = bool(torch.isfinite(grad_norm))
             if not finite:
-                optimizer.zero_grad(set_to_none=True)
+                zero_grads(params)
                 result.skipped_nonfinite += 1
                 nonfinite_in_row += 1
                 if nonfinite_in_row >= max_nonfinite_in_row:
@@ -165,8 +164,24 @@ def ppo_update(
     return result
 
 
-def _grad_norm(params: list[Tensor]) -> Tensor:
+def zero_grads(params: list[Tensor]) -> None:
+    """Zero the gradients of ``params`` in place (one foreach op). In place, not set to None,
+    so flat-buffer gradient views (:func:`cliprail.ppo.flat.flatten_parameters`) stay bound."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if grads:
+        torch._foreach_zero_(grads)
+
+
+def clip_grad_norm(params: list[Tensor], max_norm: float | None) -> Tensor:
+    """Global L2 norm of the gradients of ``params`` (returned, before clipping); scales them
+    to ``max_norm`` when above it (Huang et al. 2022, detail #11). ``None`` only measures."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    if len(grads) == 1:
+        total = torch.linalg.vector_norm(grads[0])
+    else:
+        total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    if max_norm is not None:
+        torch._foreach_mul_(grads, torch.clamp(max_norm / (total + 1e-6), max=1.0))
+    return total

@@ -36,6 +36,7 @@ from cliprail.ppo import (
     clipped_surrogate,
     entropy_bonus,
     explained_variance,
+    flatten_parameters,
     gae,
     kl_penalized_surrogate,
     linear_anneal,
@@ -108,7 +109,9 @@ class RLTrainer:
             self.envs.single_observation_space, self.envs.single_action_space, cfg.env_id
         )
         self.agent = ActorCritic(self.spec, cfg).to(self.device)
-        self.optimizer = make_adam(self.agent.parameters(), cfg.learning_rate, cfg.adam_eps)
+        # One flat buffer for all parameters: Adam, grad clip and zeroing become one op each.
+        self.flat_params = flatten_parameters(self.agent)
+        self.optimizer = make_adam([self.flat_params], cfg.learning_rate, cfg.adam_eps)
         self.shuffle_rng = torch.Generator().manual_seed(cfg.seed)
         self.np_rng = np.random.default_rng(cfg.seed)  # the NumPy acting path's samples
         self.obs_norm = (
@@ -311,7 +314,7 @@ class RLTrainer:
             return loss, stats
 
         result = ppo_update(
-            loss_fn, self.optimizer, self.agent.parameters(), batch,
+            loss_fn, self.optimizer, [self.flat_params], batch,
             minibatch_size=cfg.minibatch_size, epochs=cfg.epochs,
             max_grad_norm=cfg.max_grad_norm, target_kl=cfg.target_kl, generator=self.shuffle_rng,
         )  # fmt: skip
