@@ -19,8 +19,12 @@ class RunningMeanStd:
 
     def update(self, x: np.ndarray) -> None:
         """Fold in a batch ``x`` of shape ``(N, *shape)``."""
-        if x.shape[0] == 1:  # one env: the batch mean is the row, its variance 0 (a hot path)
-            self.merge(x[0], 0.0, 1)  # type: ignore[arg-type]
+        if x.shape[0] == 1:  # one env, once per step: Welford's single-sample update, 5 ops
+            delta = x[0] - self.mean
+            total = self.count + 1.0
+            self.mean = self.mean + delta / total
+            self.var = (self.var + delta * delta / total) * (self.count / total)
+            self.count = total
         else:
             self.merge(x.mean(axis=0), x.var(axis=0), x.shape[0])
 
@@ -57,7 +61,8 @@ class ObsNormalizer:
         if update:
             self.rms.update(obs)
         out = (obs - self.rms.mean) / np.sqrt(self.rms.var + self.eps)
-        return np.clip(out, -self.clip, self.clip).astype(np.float32)
+        # np.minimum/np.maximum: the same as np.clip without its Python-level dispatch cost
+        return np.minimum(np.maximum(out, -self.clip), self.clip).astype(np.float32)
 
 
 class RewardScaler:
@@ -74,4 +79,4 @@ class RewardScaler:
         self.rms.update(self.returns)
         scaled = rewards / np.sqrt(self.rms.var + self.eps)
         self.returns[dones] = 0.0
-        return np.clip(scaled, -self.clip, self.clip).astype(np.float32)
+        return np.minimum(np.maximum(scaled, -self.clip), self.clip).astype(np.float32)

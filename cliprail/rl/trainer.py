@@ -182,7 +182,7 @@ class RLTrainer:
     def _env_actions(self, actions: np.ndarray) -> np.ndarray:
         if self.agent.continuous:
             # Clip what the env receives; the raw sample stays in the buffer (37 details, c#4).
-            return np.clip(actions, self._low, self._high)
+            return np.minimum(np.maximum(actions, self._low), self._high)
         if self.spec.kind == "discrete":
             return actions[:, 0] + self._starts[0]
         return actions + self._starts
@@ -305,8 +305,12 @@ class RLTrainer:
             v_loss, v_stats = value_loss(
                 values, mb["values"], mb["returns"], clip_range=cfg.clip_range_vf
             )
-            ent, e_stats = entropy_bonus(entropy)
-            loss = pg_loss - cfg.ent_coef * ent + cfg.vf_coef * v_loss  # PPO paper eq. 9
+            loss = pg_loss + cfg.vf_coef * v_loss  # PPO paper eq. 9
+            if cfg.ent_coef:
+                ent, e_stats = entropy_bonus(entropy)
+                loss = loss - cfg.ent_coef * ent
+            else:  # no bonus: keep the diagnostic, spare the graph
+                ent, e_stats = entropy_bonus(entropy.detach())
             stats.update(v_stats)
             stats.update(e_stats)
             stats["policy_loss"] = pg_loss.detach()
