@@ -151,8 +151,9 @@ def ppo_update(
             nonfinite_in_row = 0
             optimizer.step()
             result.optimizer_steps += 1
-            for name, value in (("loss", loss), ("grad_norm", grad_norm), *stats.items()):
-                logged.setdefault(name, []).append(value.detach())
+            # stats are detached by contract; only the loss carries a graph
+            for name, value in (("loss", loss.detach()), ("grad_norm", grad_norm), *stats.items()):
+                logged.setdefault(name, []).append(value)
         else:
             result.epochs_completed += 1
             continue

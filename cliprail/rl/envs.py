@@ -20,6 +20,7 @@ from gymnasium.vector import AutoresetMode
 
 from cliprail.errors import EnvError
 from cliprail.rl.config import RLConfig
+from cliprail.rl.vector import SameStepSyncVectorEnv
 
 
 class EpisodicLife(gym.Wrapper):
@@ -176,8 +177,8 @@ def make_vector_env(cfg: RLConfig, num_envs: int | None = None) -> gym.vector.Ve
         if cfg.vector == "async":
             envs: gym.vector.VectorEnv = gym.vector.AsyncVectorEnv(fns, **kwargs)
         else:
-            envs = gym.vector.SyncVectorEnv(fns, **kwargs)
-    except gym.error.DependencyNotInstalled as exc:
+            envs = SameStepSyncVectorEnv(fns)
+    except (gym.error.DependencyNotInstalled, ImportError) as exc:
         raise EnvError(f"{cfg.env_id}: a dependency is missing: {exc}") from None
     try:
         space_spec(envs.single_observation_space, envs.single_action_space, cfg.env_id)
