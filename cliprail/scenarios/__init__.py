@@ -1,0 +1,1 @@
+"""Embedded worlds that produce RLHF data with a gold judge; ``healthcare`` is the default."""
