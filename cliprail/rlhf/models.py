@@ -1,0 +1,188 @@
+"""Tokenizers and models: local training of a tokenizer, tiny GPT-2s from a config, scalar-head
+models (reward and value) on a causal-LM trunk, and the log-prob maths shared by every stage.
+
+All weights are saved as safetensors; loading never runs remote code unless asked.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from cliprail.errors import CheckpointError
+
+PAD = "<|pad|>"
+EOS = "<|endoftext|>"
+HEAD_FILE = "scalar_head.safetensors"
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> Any:
+    """A byte-level BPE tokenizer trained on ``texts`` (GPT-2's scheme), as a
+    ``PreTrainedTokenizerFast`` with ``<|endoftext|>`` as EOS and ``<|pad|>`` as padding."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS, PAD],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=PAD, padding_side="left"
+    )
+
+
+def tiny_gpt2(vocab_size: int, n_layer: int = 2, n_embd: int = 64, n_head: int = 4,
+              n_positions: int = 256, seed: int = 0, eos_token_id: int = 0,
+              pad_token_id: int = 1) -> nn.Module:  # fmt: skip
+    """A small GPT-2 built from a config, dropout off (as RLHF wants; Huang et al. 2024)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(
+        vocab_size=vocab_size, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
+        n_head=n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        bos_token_id=eos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(cfg)
+
+
+def load_tokenizer(path: Path, trust_remote_code: bool = False) -> Any:
+    """Load a tokenizer from a local folder (or a hub id where a network exists)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: cannot load a tokenizer ({exc})") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok
+
+
+def load_causal_lm(path: Path, trust_remote_code: bool = False) -> nn.Module:
+    """Load any ``AutoModelForCausalLM`` from ``path``; safetensors weights only."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path), trust_remote_code=trust_remote_code, use_safetensors=True
+        )
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: cannot load a causal LM ({exc})") from None
+    return model
+
+
+def check_vocab(tokenizer: Any, model: nn.Module, where: str) -> None:
+    """Raise a clear error when the tokenizer's ids do not fit the model's embedding."""
+    n_embed = model.get_input_embeddings().num_embeddings  # type: ignore[operator]
+    if len(tokenizer) > n_embed:
+        raise CheckpointError(
+            f"{where}: the tokenizer has {len(tokenizer)} tokens but the model's embedding has "
+            f"{n_embed}: they do not belong together"
+        )
+
+
+class ScalarHeadModel(nn.Module):
+    """A causal-LM trunk with a scalar head: one number per token (value model) or per sequence
+    (reward model: the number at the last real token)."""
+
+    def __init__(self, trunk: nn.Module, hidden_size: int) -> None:
+        super().__init__()
+        self.trunk = trunk
+        self.head = nn.Linear(hidden_size, 1)
+        nn.init.normal_(self.head.weight, std=1.0 / (hidden_size + 1) ** 0.5)
+        nn.init.zeros_(self.head.bias)
+
+    @classmethod
+    def from_causal_lm(cls, lm: nn.Module) -> ScalarHeadModel:
+        """Wrap the transformer body of a causal LM (its LM head is dropped)."""
+        trunk: Any = lm.base_model
+        config: Any = lm.config
+        return cls(trunk, int(config.hidden_size))
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """``(B, L)`` scalars, one per position."""
+        out = self.trunk(input_ids=input_ids, attention_mask=attention_mask,
+                         position_ids=position_ids_from_mask(attention_mask))  # fmt: skip
+        return self.head(out.last_hidden_state).squeeze(-1)
+
+    def score(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """``(B,)`` the scalar at each sequence's last real token."""
+        values = self(input_ids, attention_mask)
+        return values.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1)
+
+    def save(self, path: Path, extra: dict[str, Any] | None = None) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        self.trunk.save_pretrained(str(path))  # type: ignore[operator]
+        save_file({k: v.contiguous() for k, v in self.head.state_dict().items()},
+                  str(path / HEAD_FILE))  # fmt: skip
+        (path / "scalar_head.json").write_text(json.dumps(extra or {}, indent=2))
+
+    @classmethod
+    def load(cls, path: Path, trust_remote_code: bool = False) -> ScalarHeadModel:
+        from transformers import AutoModel
+
+        if not (path / HEAD_FILE).is_file():
+            raise CheckpointError(f"{path}: not a reward or value model (no {HEAD_FILE})")
+        try:
+            trunk = AutoModel.from_pretrained(str(path), trust_remote_code=trust_remote_code,
+                                              use_safetensors=True)  # fmt: skip
+            model = cls(trunk, int(trunk.config.hidden_size))
+            model.head.load_state_dict(load_file(str(path / HEAD_FILE)))
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"{path}: cannot load the scalar-head model ({exc})") from None
+        return model
+
+    def meta(self, path: Path) -> dict[str, Any]:
+        f = path / "scalar_head.json"
+        return json.loads(f.read_text()) if f.is_file() else {}
+
+
+def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
+    """Position ids that skip left padding: ``cumsum(mask) - 1``, clamped at 0 (REFERENCES
+    pitfall: generation and the training forward must agree on them)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def last_token_index(attention_mask: Tensor) -> Tensor:
+    """``(B,)`` index of the last real token of each row (works with left and right padding)."""
+    L = attention_mask.shape[1]
+    positions = torch.arange(L, device=attention_mask.device).expand_as(attention_mask)
+    return torch.where(attention_mask.bool(), positions, -1).max(dim=1).values.clamp_min(0)
+
+
+def logprobs_from_logits(logits: Tensor, labels: Tensor) -> Tensor:
+    """``(B, L)`` log p(label) under ``logits`` ``(B, L, V)``: log_softmax then gather."""
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+
+
+def response_logprobs(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, query_len: int,
+    temperature: float = 1.0,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """Log-probs and entropies of the response tokens of ``input_ids`` ``(B, Lq + Lr)``.
+
+    The logits at position ``t`` predict token ``t + 1``, so the response tokens
+    ``input_ids[:, Lq:]`` are scored by ``logits[:, Lq - 1 : -1]``, divided by ``temperature``
+    exactly as in sampling. Returns two ``(B, Lr)`` tensors.
+    """
+    out = model(input_ids=input_ids, attention_mask=attention_mask,
+                position_ids=position_ids_from_mask(attention_mask))  # fmt: skip
+    logits = out.logits[:, query_len - 1 : -1].float() / temperature  # (B, Lr, V)
+    log_p = torch.log_softmax(logits, dim=-1)
+    labels = input_ids[:, query_len:]
+    logprobs = log_p.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    entropy = -(log_p.exp() * log_p).sum(-1)
+    return logprobs, entropy
