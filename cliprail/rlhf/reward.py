@@ -1,0 +1,132 @@
+"""Stage 2: a Bradley-Terry reward model on preference pairs.
+
+Loss ``-log sigmoid(r(chosen) - r(rejected))``; held-out pairwise accuracy reported; the scores
+are shifted so that the demonstrations (the SFT data) average 0 (Huang et al. 2024), and the
+shift is saved with the model.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from cliprail.monitor import MetricsLogger, Progress
+from cliprail.rlhf.common import adamw, batches, seed_all, start_run
+from cliprail.rlhf.data import encode_pairs, load_preferences, read_jsonl
+from cliprail.rlhf.models import ScalarHeadModel, check_vocab, load_causal_lm, load_tokenizer
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    """Train a reward model from ``preferences.jsonl``, starting from the SFT model."""
+
+    data: Path
+    """preferences.jsonl: {"prompt", "chosen", "rejected"} per line."""
+    sft_model: Path
+    """The SFT model folder (trunk of the reward model; its tokenizer is used)."""
+    run_dir: Path
+    """Run folder; the reward model goes to <run_dir>/model."""
+    demonstrations: Path | None = None
+    """demonstrations.jsonl whose responses define reward 0 (none: no shift)."""
+    epochs: int = 4
+    """Passes over the training pairs."""
+    batch_size: int = 32
+    """Pairs per optimizer step."""
+    learning_rate: float = 1e-3
+    """AdamW learning rate."""
+    holdout: float = 0.1
+    """Share of pairs held out to measure accuracy."""
+    max_prompt_len: int = 128
+    """Longest prompt in tokens."""
+    max_response_len: int = 64
+    """Responses are cut to this many tokens."""
+    seed: int = 0
+    """Seed of the split, initialisation and shuffling."""
+    trust_remote_code: bool = False
+    """Allow a model folder's own Python code to run."""
+    progress: bool = True
+    """Show a progress bar."""
+
+
+def _scores(rm: ScalarHeadModel, tok: Any, prompts: list[str], responses: list[str],
+            cfg: RewardConfig) -> torch.Tensor:  # fmt: skip
+    b = encode_pairs(tok, prompts, responses, cfg.max_prompt_len, cfg.max_response_len)
+    return rm.score(b.input_ids, b.attention_mask)
+
+
+@torch.no_grad()
+def accuracy(
+    rm: ScalarHeadModel, tok: Any, pairs: list[dict[str, Any]], cfg: RewardConfig
+) -> float:
+    """Share of pairs where the chosen response scores higher."""
+    rm.eval()
+    right = 0
+    for i in range(0, len(pairs), 64):
+        chunk = pairs[i : i + 64]
+        prompts = [p["prompt"] for p in chunk]
+        c = _scores(rm, tok, prompts, [p["chosen"] for p in chunk], cfg)
+        r = _scores(rm, tok, prompts, [p["rejected"] for p in chunk], cfg)
+        right += int((c > r).sum())
+    return right / max(len(pairs), 1)
+
+
+def train_reward(cfg: RewardConfig) -> dict[str, Any]:
+    """Train, evaluate and save the reward model; returns its metrics."""
+    pairs = load_preferences(cfg.data)
+    start_run(cfg.run_dir, cfg)
+    g = seed_all(cfg.seed)
+    tok = load_tokenizer(cfg.sft_model, cfg.trust_remote_code)
+    lm = load_causal_lm(cfg.sft_model, cfg.trust_remote_code)
+    check_vocab(tok, lm, str(cfg.sft_model))
+    rm = ScalarHeadModel.from_causal_lm(lm)
+    order = torch.randperm(len(pairs), generator=g).tolist()
+    n_hold = max(1, int(len(pairs) * cfg.holdout))
+    held, train = [pairs[i] for i in order[:n_hold]], [pairs[i] for i in order[n_hold:]]
+    opt = adamw(rm.parameters(), cfg.learning_rate)
+    total = cfg.epochs * -(-len(train) // cfg.batch_size)
+    bar = Progress(total, "reward model", cfg.progress)
+    step = 0
+    with MetricsLogger(cfg.run_dir, tensorboard=False) as log:
+        for _ in range(cfg.epochs):
+            rm.train()
+            for idx in batches(len(train), cfg.batch_size, g):
+                chunk = [train[i] for i in idx]
+                prompts = [p["prompt"] for p in chunk]
+                # chosen and rejected in one forward: (2B,) scores
+                s = _scores(rm, tok, prompts + prompts, [p["chosen"] for p in chunk]
+                            + [p["rejected"] for p in chunk], cfg)  # fmt: skip
+                margin = s[: len(chunk)] - s[len(chunk) :]
+                loss = -F.logsigmoid(margin).mean()  # Bradley-Terry
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(rm.parameters(), 1.0)
+                opt.step()
+                step += 1
+                log.log(step, {"loss": loss.item(), "accuracy": float((margin > 0).float().mean())})
+                bar.update(step, f"loss {loss.item():.3f}")
+        bar.close()
+        metrics = {"heldout_accuracy": accuracy(rm, tok, held, cfg),
+                   "train_accuracy": accuracy(rm, tok, train[:500], cfg),
+                   "pairs_train": len(train), "pairs_heldout": len(held)}  # fmt: skip
+        shift = 0.0
+        if cfg.demonstrations is not None:
+            demos = read_jsonl(cfg.demonstrations, ("prompt", "response"))[:512]
+            with torch.no_grad():
+                scores = torch.cat([
+                    _scores(rm, tok, [d["prompt"] for d in demos[i : i + 64]],
+                            [d["response"] for d in demos[i : i + 64]], cfg)
+                    for i in range(0, len(demos), 64)
+                ])  # fmt: skip
+            shift = float(scores.mean())
+        metrics["reward_shift"] = shift
+        log.log(step + 1, metrics)
+    out = cfg.run_dir / "model"
+    rm.save(out, {"shift": shift, **metrics})
+    tok.save_pretrained(str(out))
+    (cfg.run_dir / "reward_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics

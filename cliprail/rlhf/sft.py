@@ -1,0 +1,108 @@
+"""Stage 1: supervised fine-tuning on demonstrations, loss on response tokens only.
+
+With no ``--model`` the stage builds the demo's model: a BPE tokenizer trained on the data and a
+tiny GPT-2 from a config. With ``--model DIR`` it fine-tunes any local causal LM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cliprail.monitor import MetricsLogger, Progress
+from cliprail.ppo import masked_mean
+from cliprail.rlhf.common import adamw, batches, seed_all, start_run
+from cliprail.rlhf.data import encode_pairs, read_jsonl
+from cliprail.rlhf.models import (
+    check_vocab,
+    load_causal_lm,
+    load_tokenizer,
+    response_logprobs,
+    tiny_gpt2,
+    train_tokenizer,
+)
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    """Supervised fine-tuning on ``demonstrations.jsonl``."""
+
+    data: Path
+    """demonstrations.jsonl: one {"prompt", "response"} object per line."""
+    run_dir: Path
+    """Run folder; the fine-tuned model and tokenizer go to <run_dir>/model."""
+    model: Path | None = None
+    """A local causal-LM folder to fine-tune; none builds a tiny GPT-2 and a tokenizer."""
+    epochs: int = 12
+    """Passes over the demonstrations."""
+    batch_size: int = 16
+    """Demonstrations per optimizer step."""
+    learning_rate: float = 2e-3
+    """AdamW learning rate (a tiny model from scratch wants a large one; fine-tuning a
+    pretrained model wants ~1e-5)."""
+    max_prompt_len: int = 128
+    """Longest prompt in tokens; a longer one is an error, never silently cut."""
+    max_response_len: int = 64
+    """Responses are cut to this many tokens (EOS included)."""
+    vocab_size: int = 1024
+    """Tokenizer vocabulary when one is trained."""
+    n_layer: int = 2
+    """Layers of the tiny GPT-2."""
+    n_embd: int = 64
+    """Width of the tiny GPT-2."""
+    n_head: int = 4
+    """Attention heads of the tiny GPT-2."""
+    seed: int = 0
+    """Seed of initialisation and shuffling."""
+    trust_remote_code: bool = False
+    """Allow a model folder's own Python code to run (off: only built-in architectures)."""
+    progress: bool = True
+    """Show a progress bar."""
+
+
+def train_sft(cfg: SFTConfig) -> Path:
+    """Run SFT; returns the folder of the fine-tuned model (with its tokenizer)."""
+    demos = read_jsonl(cfg.data, ("prompt", "response"))
+    start_run(cfg.run_dir, cfg)
+    g = seed_all(cfg.seed)
+    if cfg.model is None:
+        texts = [d["prompt"] for d in demos] + [d["response"] for d in demos]
+        tokenizer = train_tokenizer(texts, cfg.vocab_size)
+        model = tiny_gpt2(len(tokenizer), cfg.n_layer, cfg.n_embd, cfg.n_head, seed=cfg.seed,
+                          eos_token_id=tokenizer.eos_token_id,
+                          pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    else:
+        tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
+        model = load_causal_lm(cfg.model, cfg.trust_remote_code)
+        check_vocab(tokenizer, model, str(cfg.model))
+    model.train()
+    opt = adamw(model.parameters(), cfg.learning_rate)
+    steps_per_epoch = -(-len(demos) // cfg.batch_size)
+    total = cfg.epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / max(total, 1))
+    bar = Progress(total, "SFT", cfg.progress)
+    step = 0
+    with MetricsLogger(cfg.run_dir, tensorboard=False) as log:
+        for epoch in range(cfg.epochs):
+            for idx in batches(len(demos), cfg.batch_size, g):
+                b = encode_pairs(tokenizer, [demos[i]["prompt"] for i in idx],
+                                 [demos[i]["response"] for i in idx], cfg.max_prompt_len,
+                                 cfg.max_response_len)  # fmt: skip
+                logprobs, _ = response_logprobs(model, b.input_ids, b.attention_mask,
+                                                b.query_len)  # fmt: skip
+                loss = -masked_mean(logprobs, b.response_mask)  # response tokens only
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                sched.step()
+                step += 1
+                log.log(step, {"loss": loss.item(), "epoch": epoch})
+                bar.update(step, f"loss {loss.item():.3f}")
+    bar.close()
+    out = cfg.run_dir / "model"
+    model.save_pretrained(str(out))  # type: ignore[operator]
+    tokenizer.save_pretrained(str(out))
+    return out
