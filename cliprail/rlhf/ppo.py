@@ -1,0 +1,401 @@
+"""Stage 3: PPO against the reward model, with a per-token KL penalty to the frozen SFT model
+and the safety fuse.
+
+One update: sample prompts -> generate (KV cache) -> score the last real token with the reward
+model -> per-token rewards ``-beta * KL_t`` (+ score on the last token) -> GAE over tokens
+(gamma 1, lambda 0.95) -> whitened advantages -> epochs x minibatches of sequences through
+:func:`cliprail.ppo.ppo_update` (one optimizer step per minibatch). The maths is the same code
+the Gymnasium trainer calls, with ``(B, L)`` token masks.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from cliprail.errors import ConfigError
+from cliprail.monitor import MetricsLogger, Progress
+from cliprail.ppo import (
+    FixedKLController,
+    ZieglerKLController,
+    clipped_surrogate,
+    entropy_bonus,
+    gae,
+    kl_estimate,
+    masked_whiten,
+    ppo_update,
+    value_loss,
+)
+from cliprail.rlhf.common import adamw, seed_all, start_run
+from cliprail.rlhf.data import DataError, encode_prompts, read_jsonl
+from cliprail.rlhf.generation import generate
+from cliprail.rlhf.models import (
+    ScalarHeadModel,
+    check_vocab,
+    last_token_index,
+    load_causal_lm,
+    load_tokenizer,
+    response_logprobs,
+)
+from cliprail.scenarios.healthcare import Request, judge
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    """RLHF with PPO: the policy starts from the SFT model, the value model from the reward
+    model."""
+
+    prompts: Path
+    """prompts.jsonl (the healthcare Request schema): split 'train' feeds rollouts, 'eval' and
+    'redteam' feed the safety fuse."""
+    sft_model: Path
+    """SFT model folder: the policy's start and the frozen reference."""
+    reward_model: Path
+    """Reward model folder (from `cliprail rlhf reward`): the frozen scorer, and the value
+    model's start."""
+    run_dir: Path
+    """Run folder: metrics.jsonl, policy/ (last), best/ (best eval gold), fuse.json."""
+    total_episodes: int = 2048
+    """Prompts to roll out in total (updates = total_episodes / batch_size)."""
+    batch_size: int = 64
+    """Prompts per rollout."""
+    minibatch_size: int = 16
+    """Sequences per optimizer step; must divide batch_size."""
+    epochs: int = 4
+    """PPO epochs over each rollout (Huang et al. 2024: 4)."""
+    learning_rate: float = 3e-4
+    """AdamW learning rate of policy and value model."""
+    max_new_tokens: int = 48
+    """Longest response."""
+    temperature: float = 0.7
+    """Sampling temperature; the training log-probs use the same scaling."""
+    top_p: float = 1.0
+    """Nucleus sampling; below 1 the stored log-probs are those of the untruncated distribution."""
+    kl_coef: float = 0.05
+    """Per-token KL penalty coefficient beta against the SFT reference (0 disables)."""
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    """Per-token KL estimator in the reward: k1 (unbiased, can be negative) or k3 (>= 0)."""
+    adaptive_kl: bool = False
+    """Adapt beta toward kl_target (Ziegler et al. 2019)."""
+    kl_target: float = 6.0
+    """Target KL per response (nats) of the adaptive controller."""
+    kl_horizon: float = 10_000.0
+    """Horizon (episodes) of the adaptive controller."""
+    no_eos_penalty: float | None = -1.0
+    """Score given to a response that never emits EOS (None: keep the reward model's)."""
+    clip_range: float = 0.2
+    """Policy clip epsilon."""
+    clip_range_vf: float | None = 0.2
+    """Value clip around the rollout's values; None disables."""
+    vf_coef: float = 0.1
+    """Value loss weight (Huang et al. 2024: 0.1)."""
+    ent_coef: float = 0.0
+    """Entropy bonus weight."""
+    gamma: float = 1.0
+    """Discount over tokens."""
+    lam: float = 0.95
+    """GAE lambda over tokens."""
+    max_grad_norm: float = 1.0
+    """Global gradient-norm clip."""
+    target_kl: float | None = None
+    """Stop an update early when a minibatch's approx KL to the rollout policy exceeds this."""
+    eval_every: int = 4
+    """Run the safety fuse every this many updates (0: never)."""
+    eval_prompts: int = 64
+    """Held-out prompts per fuse evaluation (plus up to as many red-team prompts)."""
+    kl_budget: float | None = 20.0
+    """Halt when the eval KL to the reference (nats per response) passes this; None: no budget."""
+    fuse_patience: int = 3
+    """Halt after this many evaluations in a row whose gold score is below the best by more
+    than fuse_tolerance."""
+    fuse_tolerance: float = 0.02
+    """Gold-score drop that counts as a fall."""
+    max_prompt_len: int = 128
+    """Longest prompt in tokens; longer is an error."""
+    seed: int = 0
+    """Seed of sampling, shuffles and initialisation."""
+    trust_remote_code: bool = False
+    """Allow a model folder's own Python code to run."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size % self.minibatch_size:
+            raise ConfigError(f"--minibatch-size {self.minibatch_size} must divide --batch-size "
+                              f"{self.batch_size}")  # fmt: skip
+        for name in ("total_episodes", "batch_size", "minibatch_size", "epochs",
+                     "max_new_tokens"):  # fmt: skip
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer")
+        if self.clip_range <= 0 or self.temperature <= 0 or self.kl_coef < 0:
+            raise ConfigError("--clip-range and --temperature must be > 0, --kl-coef >= 0")
+
+
+@dataclass
+class Models:
+    """Everything PPO holds: policy and value train, reference and reward stay frozen."""
+
+    tokenizer: Any
+    policy: torch.nn.Module
+    ref: torch.nn.Module
+    value: ScalarHeadModel
+    reward: ScalarHeadModel
+    reward_shift: float = 0.0
+
+
+def load_models(cfg: PPOConfig) -> Models:
+    tok = load_tokenizer(cfg.sft_model, cfg.trust_remote_code)
+    policy = load_causal_lm(cfg.sft_model, cfg.trust_remote_code)
+    check_vocab(tok, policy, str(cfg.sft_model))
+    ref = copy.deepcopy(policy).requires_grad_(False)
+    reward = ScalarHeadModel.load(cfg.reward_model, cfg.trust_remote_code).requires_grad_(False)
+    value = ScalarHeadModel.load(cfg.reward_model, cfg.trust_remote_code)  # init from the RM
+    shift = float(reward.meta(cfg.reward_model).get("shift", 0.0))
+    for m in (policy, ref, reward, value):
+        m.eval()  # dropout off in every model (Huang et al. 2024)
+    return Models(tok, policy, ref, value, reward, shift)
+
+
+@dataclass
+class Rollout:
+    """A rollout batch: sequences and per-token tensors over the response positions."""
+
+    input_ids: Tensor  # (B, Lq + Lr)
+    attention_mask: Tensor  # (B, Lq + Lr)
+    response_mask: Tensor  # (B, Lr)
+    query_len: int
+    logprobs: Tensor  # (B, Lr) policy at rollout time
+    ref_logprobs: Tensor  # (B, Lr)
+    values: Tensor  # (B, Lr)
+    scores: Tensor  # (B,) reward model, shifted, no-EOS penalty applied
+    texts: list[str] = field(default_factory=list)
+
+
+def values_of(value_model: ScalarHeadModel, ids: Tensor, mask: Tensor, query_len: int) -> Tensor:
+    """``(B, Lr)`` V(prefix before response token t): the head at position ``Lq - 1 + t``."""
+    return value_model(ids, mask)[:, query_len - 1 : -1]
+
+
+@torch.no_grad()
+def rollout(m: Models, cfg: PPOConfig, prompts: list[str], g: torch.Generator) -> Rollout:
+    q, qm = encode_prompts(m.tokenizer, prompts, cfg.max_prompt_len)
+    resp, rmask = generate(
+        m.policy, q, qm, max_new_tokens=cfg.max_new_tokens, eos_token_id=m.tokenizer.eos_token_id,
+        pad_token_id=m.tokenizer.pad_token_id, temperature=cfg.temperature, top_p=cfg.top_p,
+        generator=g,
+    )  # fmt: skip
+    ids = torch.cat([q, resp], 1)
+    mask = torch.cat([qm, rmask], 1)
+    Lq = q.shape[1]
+    logprobs, _ = response_logprobs(m.policy, ids, mask, Lq, cfg.temperature)
+    ref_logprobs, _ = response_logprobs(m.ref, ids, mask, Lq, cfg.temperature)
+    values = values_of(m.value, ids, mask, Lq)
+    scores = m.reward.score(ids, mask) - m.reward_shift
+    if cfg.no_eos_penalty is not None:
+        ended = ((resp == m.tokenizer.eos_token_id) & rmask.bool()).any(1)
+        scores = torch.where(ended, scores, torch.full_like(scores, cfg.no_eos_penalty))
+    texts = [m.tokenizer.decode(resp[i][rmask[i].bool()], skip_special_tokens=True).strip()
+             for i in range(len(prompts))]  # fmt: skip
+    return Rollout(ids, mask, rmask, Lq, logprobs, ref_logprobs, values, scores, texts)
+
+
+def token_rewards(ro: Rollout, beta: float, estimator: str) -> tuple[Tensor, Tensor]:
+    """Per-token rewards ``(B, Lr)``: ``-beta * KL_t`` on every response token and the score on
+    the last real one; nothing after EOS or on padding. Returns (rewards, per-token KL)."""
+    mask = ro.response_mask.bool()
+    kl = kl_estimate(ro.ref_logprobs, ro.logprobs, estimator)  # KL(pi || ref) per token
+    kl = torch.where(mask, kl, torch.zeros_like(kl))
+    rewards = -beta * kl
+    last = last_token_index(ro.response_mask)  # (B,)
+    rewards[torch.arange(len(last)), last] += ro.scores
+    return rewards, kl
+
+
+def advantages_and_returns(ro: Rollout, rewards: Tensor, cfg: PPOConfig) -> tuple[Tensor, Tensor]:
+    """GAE over response tokens ``(B, Lr)``: the episode ends at the last real token."""
+    mask = ro.response_mask.bool()
+    next_values = torch.cat([ro.values[:, 1:], torch.zeros_like(ro.values[:, :1])], 1)
+    terminated = torch.zeros_like(mask)
+    terminated[torch.arange(mask.shape[0]), last_token_index(ro.response_mask)] = True
+    adv, ret = gae(rewards, ro.values, next_values, terminated, None, gamma=cfg.gamma,
+                   lam=cfg.lam, mask=mask, time_dim=1)  # fmt: skip
+    return masked_whiten(adv, mask), ret  # whitened over the whole batch
+
+
+def ppo_step(m: Models, cfg: PPOConfig, ro: Rollout, optimizer: torch.optim.Optimizer,
+             kl_ctl: FixedKLController | ZieglerKLController,
+             g: torch.Generator) -> dict[str, float]:  # fmt: skip
+    """Rewards, advantages and one PPO update over ``ro``; returns the update's statistics."""
+    rewards, kl = token_rewards(ro, kl_ctl.beta, cfg.kl_estimator)
+    advantages, returns = advantages_and_returns(ro, rewards, cfg)
+    batch = {"input_ids": ro.input_ids, "attention_mask": ro.attention_mask,
+             "response_mask": ro.response_mask, "logprobs": ro.logprobs, "values": ro.values,
+             "advantages": advantages, "returns": returns}  # fmt: skip
+    Lq = ro.query_len
+
+    def loss_fn(mb: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        mask = mb["response_mask"]
+        logprobs, entropy = response_logprobs(m.policy, mb["input_ids"], mb["attention_mask"],
+                                              Lq, cfg.temperature)  # fmt: skip
+        pg_loss, stats = clipped_surrogate(logprobs, mb["logprobs"], mb["advantages"], mask,
+                                           clip_range=cfg.clip_range)  # fmt: skip
+        values = values_of(m.value, mb["input_ids"], mb["attention_mask"], Lq)
+        v_loss, v_stats = value_loss(values, mb["values"], mb["returns"], mask,
+                                     clip_range=cfg.clip_range_vf)  # fmt: skip
+        ent, e_stats = entropy_bonus(entropy if cfg.ent_coef else entropy.detach(), mask)
+        loss = pg_loss + cfg.vf_coef * v_loss - cfg.ent_coef * ent
+        stats.update(v_stats)
+        stats.update(e_stats)
+        stats["policy_loss"], stats["value_loss"] = pg_loss.detach(), v_loss.detach()
+        return loss, stats
+
+    params = [p for p in [*m.policy.parameters(), *m.value.parameters()] if p.requires_grad]
+    result = ppo_update(loss_fn, optimizer, params, batch, minibatch_size=cfg.minibatch_size,
+                        epochs=cfg.epochs, max_grad_norm=cfg.max_grad_norm,
+                        target_kl=cfg.target_kl, generator=g)  # fmt: skip
+    seq_kl = kl.sum(1).mean().item()  # nats per response
+    stats = dict(result.stats)
+    stats.update(
+        score=ro.scores.mean().item(), kl_ref=seq_kl, kl_beta=kl_ctl.beta,
+        response_length=ro.response_mask.sum(1).float().mean().item(),
+        optimizer_steps=result.optimizer_steps, early_stopped=int(result.early_stopped),
+        skipped_nonfinite=result.skipped_nonfinite,
+        no_eos_rate=float((ro.scores == cfg.no_eos_penalty).float().mean())
+        if cfg.no_eos_penalty is not None else 0.0,
+    )  # fmt: skip
+    kl_ctl.update(seq_kl, n_steps=ro.input_ids.shape[0])
+    return stats
+
+
+@torch.no_grad()
+def evaluate_policy(m: Models, cfg: PPOConfig, requests: list[Request], seed: int = 1234,
+                    policy: torch.nn.Module | None = None) -> dict[str, Any]:  # fmt: skip
+    """Gold score, per-criterion means and failure rates, proxy reward, KL to the reference and
+    length of a policy's sampled responses to ``requests`` (a fixed seed: comparable runs)."""
+    pol = policy if policy is not None else m.policy
+    g = torch.Generator().manual_seed(seed)
+    verdicts, scores, kls, lengths, texts = [], [], [], [], []
+    for i in range(0, len(requests), cfg.batch_size):
+        chunk = requests[i : i + cfg.batch_size]
+        sub = Models(m.tokenizer, pol, m.ref, m.value, m.reward, m.reward_shift)
+        ro = rollout(sub, cfg, [r.prompt for r in chunk], g)
+        mask = ro.response_mask.bool()
+        k3 = kl_estimate(ro.ref_logprobs, ro.logprobs, "k3")
+        kls += torch.where(mask, k3, torch.zeros_like(k3)).sum(1).tolist()
+        scores += ro.scores.tolist()
+        lengths += ro.response_mask.sum(1).tolist()
+        texts += ro.texts
+        verdicts += [judge(r, t) for r, t in zip(chunk, ro.texts, strict=True)]
+    n = max(len(verdicts), 1)
+    out: dict[str, Any] = {
+        k: sum(getattr(v, k) for v in verdicts) / n
+        for k in ("gold", "scheduling", "safety", "honesty", "helpfulness", "concision")
+    }
+    out.update(
+        unsafe_advice_rate=sum(v.unsafe_advice for v in verdicts) / n,
+        missed_emergency_rate=sum(v.missed_emergency for v in verdicts) / n,
+        wrong_or_invented_slot_rate=sum(v.wrong_or_invented_slot for v in verdicts) / n,
+        over_refusal_rate=sum(v.over_refusal for v in verdicts) / n,
+        proxy_reward=sum(scores) / n, kl_ref=sum(kls) / n, mean_length=sum(lengths) / n,
+        texts=texts, golds=[v.gold for v in verdicts],
+    )  # fmt: skip
+    return out
+
+
+def load_requests(path: Path) -> list[Request]:
+    recs = read_jsonl(path, ("id", "prompt"))
+    out = []
+    for n, r in enumerate(recs, start=1):
+        try:
+            out.append(Request.from_json(r))
+        except TypeError as exc:
+            raise DataError(f"{path}: record {n}: not a healthcare request ({exc})") from None
+    return out
+
+
+def train_ppo(cfg: PPOConfig) -> dict[str, Any]:
+    """Run PPO with the fuse; returns a summary (also written to <run_dir>/fuse.json)."""
+    requests = load_requests(cfg.prompts)
+    train = [r for r in requests if r.split == "train"]
+    held = [r for r in requests if r.split == "eval"][: cfg.eval_prompts]
+    red = [r for r in requests if r.split == "redteam"][: cfg.eval_prompts]
+    if not train:
+        raise DataError(f"{cfg.prompts}: no requests with split 'train'")
+    start_run(cfg.run_dir, cfg)
+    g = seed_all(cfg.seed)
+    m = load_models(cfg)
+    params = [p for p in [*m.policy.parameters(), *m.value.parameters()] if p.requires_grad]
+    optimizer = adamw(params, cfg.learning_rate)
+    kl_ctl: FixedKLController | ZieglerKLController = (
+        ZieglerKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
+        else FixedKLController(cfg.kl_coef)
+    )  # fmt: skip
+    n_updates = max(1, cfg.total_episodes // cfg.batch_size)
+    rng = random.Random(cfg.seed)
+    fuse: dict[str, Any] = {"evals": [], "best_update": 0, "best_gold": -math.inf,
+                            "halted": None}  # fmt: skip
+    bar = Progress(n_updates, "PPO", cfg.progress)
+    t0 = time.perf_counter()
+
+    def run_fuse(update: int, log: MetricsLogger) -> bool:
+        ev = evaluate_policy(m, cfg, held)
+        rt = evaluate_policy(m, cfg, red) if red else None
+        rec = {k: v for k, v in ev.items() if not isinstance(v, list)}
+        if rt is not None:
+            rec.update({f"redteam_{k}": v for k, v in rt.items() if not isinstance(v, list)})
+        rec["update"] = update
+        fuse["evals"].append(rec)
+        log.log(update * cfg.batch_size, {f"eval/{k}": v for k, v in rec.items()})
+        if rec["gold"] > fuse["best_gold"]:
+            fuse["best_gold"], fuse["best_update"] = rec["gold"], update
+            save_policy(m, cfg.run_dir / "best")
+        if cfg.kl_budget is not None and rec["kl_ref"] > cfg.kl_budget:
+            fuse["halted"] = (f"KL to the reference {rec['kl_ref']:.2f} nats passed the budget "
+                              f"{cfg.kl_budget} at update {update}")  # fmt: skip
+            return True
+        recent = fuse["evals"][-cfg.fuse_patience :]
+        if len(recent) == cfg.fuse_patience and all(
+            e["gold"] < fuse["best_gold"] - cfg.fuse_tolerance for e in recent
+        ):
+            fuse["halted"] = (
+                f"eval gold score fell more than {cfg.fuse_tolerance} below the best "
+                f"({fuse['best_gold']:.3f} at update {fuse['best_update']}) for "
+                f"{cfg.fuse_patience} evaluations in a row, at update {update}"
+            )
+            return True
+        return False
+
+    with MetricsLogger(cfg.run_dir, tensorboard=True) as log:
+        if cfg.eval_every:
+            run_fuse(0, log)
+        for update in range(1, n_updates + 1):
+            prompts = [r.prompt for r in rng.sample(train, min(cfg.batch_size, len(train)))]
+            ro = rollout(m, cfg, prompts, g)
+            stats = ppo_step(m, cfg, ro, optimizer, kl_ctl, g)
+            stats["episodes"] = update * cfg.batch_size
+            stats["episodes_per_s"] = update * cfg.batch_size / (time.perf_counter() - t0)
+            log.log(update * cfg.batch_size, stats)
+            bar.update(update, f"score {stats['score']:+.2f}  KL {stats['kl_ref']:.2f}")
+            if cfg.eval_every and update % cfg.eval_every == 0 and run_fuse(update, log):
+                break
+    bar.close()
+    save_policy(m, cfg.run_dir / "policy")
+    fuse["best_checkpoint"] = str(cfg.run_dir / "best") if cfg.eval_every else None
+    fuse["wall_s"] = time.perf_counter() - t0
+    (cfg.run_dir / "fuse.json").write_text(json.dumps(fuse, indent=2) + "\n")
+    return fuse
+
+
+def save_policy(m: Models, path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    m.policy.save_pretrained(str(path))  # type: ignore[operator]
+    m.tokenizer.save_pretrained(str(path))
