@@ -21,6 +21,10 @@ USAGE = """usage: cliprail <command> [flags]   (add --help to any command)
 commands:
   rl train    train PPO on a Gymnasium env (classic control, MuJoCo, Atari)
   rl eval     evaluate a trained run: mean and std of the episodic return
+  rlhf world  write the healthcare world (prompts, demonstrations, preference pairs) as JSONL
+  rlhf sft    supervised fine-tuning on demonstrations (a tiny GPT-2 or any local causal LM)
+  rlhf reward train a Bradley-Terry reward model on preference pairs
+  rlhf ppo    PPO against the reward model with a KL penalty and the safety fuse
   demo        the main job: train CartPole-v1 with the classic preset, then evaluate it
 
 global flags:
@@ -137,9 +141,74 @@ def _demo(argv: list[str]) -> int:
     return 0
 
 
+@dataclass(frozen=True)
+class WorldArgs:
+    """Write the healthcare world's prompts, demonstrations and preference pairs as JSONL."""
+
+    out: Path
+    """Folder for prompts.jsonl, demonstrations.jsonl, preferences.jsonl."""
+    seed: int = 0
+    """Seed of the clinic, requests, cards and reviewers."""
+    reviewer_bias: float = 1.0
+    """Scale of the panel's bias toward short, confident answers (0 none, 3 strong)."""
+
+
+def _rlhf_world(argv: list[str]) -> int:
+    import tyro
+
+    from cliprail.scenarios.healthcare import BuildConfig, build
+
+    args = tyro.cli(WorldArgs, args=argv, prog="cliprail rlhf world")
+    paths = build(args.out, BuildConfig(seed=args.seed, reviewer_bias=args.reviewer_bias))
+    for name, path in paths.items():
+        print(f"{name}: {path} ({sum(1 for _ in path.open())} records)")
+    return 0
+
+
+def _rlhf_sft(argv: list[str]) -> int:
+    import tyro
+
+    from cliprail.rlhf.sft import SFTConfig, train_sft
+
+    cfg = tyro.cli(SFTConfig, args=argv, prog="cliprail rlhf sft")
+    print(f"cliprail: SFT model written to {train_sft(cfg)}", file=sys.stderr)
+    return 0
+
+
+def _rlhf_reward(argv: list[str]) -> int:
+    import tyro
+
+    from cliprail.rlhf.reward import RewardConfig, train_reward
+
+    cfg = tyro.cli(RewardConfig, args=argv, prog="cliprail rlhf reward")
+    metrics = train_reward(cfg)
+    print(f"cliprail: reward model in {cfg.run_dir / 'model'}; held-out pairwise accuracy "
+          f"{metrics['heldout_accuracy']:.3f}", file=sys.stderr)  # fmt: skip
+    return 0
+
+
+def _rlhf_ppo(argv: list[str]) -> int:
+    import tyro
+
+    from cliprail.rlhf.ppo import PPOConfig, train_ppo
+
+    cfg = tyro.cli(PPOConfig, args=argv, prog="cliprail rlhf ppo")
+    fuse = train_ppo(cfg)
+    if fuse["halted"]:
+        print(f"cliprail: the safety fuse halted the run: {fuse['halted']}", file=sys.stderr)
+    print(f"cliprail: best checkpoint {fuse['best_checkpoint']} (update {fuse['best_update']}, "
+          f"eval gold {fuse['best_gold']:.3f}); last policy in {cfg.run_dir / 'policy'}",
+          file=sys.stderr)  # fmt: skip
+    return 0
+
+
 COMMANDS: dict[tuple[str, ...], Callable[[list[str]], int]] = {
     ("rl", "train"): _rl_train,
     ("rl", "eval"): _rl_eval,
+    ("rlhf", "world"): _rlhf_world,
+    ("rlhf", "sft"): _rlhf_sft,
+    ("rlhf", "reward"): _rlhf_reward,
+    ("rlhf", "ppo"): _rlhf_ppo,
     ("demo",): _demo,
 }
 

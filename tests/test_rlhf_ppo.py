@@ -1,0 +1,111 @@
+"""RLHF PPO: token rewards by hand, one update moves the policy and not the reference, and the
+whole pipeline (world -> SFT -> reward -> PPO with the fuse) end to end at tiny size."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from cliprail.cli import main
+from cliprail.ppo import FixedKLController
+from cliprail.rlhf.ppo import (
+    PPOConfig,
+    Rollout,
+    advantages_and_returns,
+    load_models,
+    ppo_step,
+    rollout,
+    token_rewards,
+)
+
+pytest.importorskip("transformers")
+
+
+def test_token_rewards_by_hand():
+    # two responses: lengths 3 and 1 (then padding); scores 2 and -1; beta 0.5, k1
+    ro = Rollout(
+        input_ids=torch.zeros(2, 6, dtype=torch.long), attention_mask=torch.ones(2, 6),
+        response_mask=torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]]), query_len=2,
+        logprobs=torch.tensor([[-1.0, -2.0, -0.5, -9.0], [-1.0, -7.0, -7.0, -7.0]]),
+        ref_logprobs=torch.tensor([[-1.5, -1.0, -0.5, 3.0], [-2.0, 1.0, 1.0, 1.0]]),
+        values=torch.zeros(2, 4), scores=torch.tensor([2.0, -1.0]),
+    )  # fmt: skip
+    rewards, kl = token_rewards(ro, beta=0.5, estimator="k1")
+    # k1 = logp - ref_logp on real tokens: [0.5, -1.0, 0.0] and [1.0]; nothing on padding
+    torch.testing.assert_close(kl, torch.tensor([[0.5, -1.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]]))
+    expected = torch.tensor([[-0.25, 0.5, 0.0 + 2.0, 0.0], [-0.5 - 1.0, 0.0, 0.0, 0.0]])
+    torch.testing.assert_close(rewards, expected)
+    cfg = PPOConfig(prompts=None, sft_model=None, reward_model=None, run_dir=None)  # type: ignore
+    adv, ret = advantages_and_returns(ro, rewards, cfg)
+    # gamma 1, lambda 0.95, zero values: A_t = r_t + 0.95 A_{t+1} inside each response:
+    # A_2 = 2, A_1 = 0.5 + 0.95 * 2 = 2.4, A_0 = -0.25 + 0.95 * 2.4 = 2.03; 0 on padding
+    torch.testing.assert_close(ret, torch.tensor([[2.03, 2.4, 2.0, 0.0], [-1.5, 0, 0, 0]]))
+    assert (adv[ro.response_mask == 0] == 0).all()
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipe")
+    data = root / "data"
+    assert main(["rlhf", "world", "--out", str(data)]) == 0
+    # shrink the world for speed: 96 demonstrations and preference pairs
+    for name in ("demonstrations.jsonl", "preferences.jsonl"):
+        lines = (data / name).read_text().splitlines()[:96]
+        (data / name).write_text("\n".join(lines) + "\n")
+    assert main(["rlhf", "sft", "--data", str(data / "demonstrations.jsonl"), "--run-dir",
+                 str(root / "sft"), "--epochs", "3", "--n-embd", "32", "--n-head", "2",
+                 "--vocab-size", "400", "--no-progress"]) == 0  # fmt: skip
+    assert main(["rlhf", "reward", "--data", str(data / "preferences.jsonl"), "--sft-model",
+                 str(root / "sft" / "model"), "--run-dir", str(root / "rm"), "--epochs", "1",
+                 "--demonstrations", str(data / "demonstrations.jsonl"),
+                 "--no-progress"]) == 0  # fmt: skip
+    return root
+
+
+def _cfg(root, **kw):
+    base = dict(prompts=root / "data" / "prompts.jsonl", sft_model=root / "sft" / "model",
+                reward_model=root / "rm" / "model", run_dir=root / "ppo", batch_size=8,
+                minibatch_size=4, epochs=2, max_new_tokens=12, eval_prompts=8,
+                progress=False)  # fmt: skip
+    return PPOConfig(**{**base, **kw})
+
+
+def test_one_update_changes_policy_and_not_reference(pipeline):
+    cfg = _cfg(pipeline)
+    m = load_models(cfg)
+    before = {k: v.clone() for k, v in m.policy.state_dict().items()}
+    ref_before = {k: v.clone() for k, v in m.ref.state_dict().items()}
+    rm_before = {k: v.clone() for k, v in m.reward.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    prompts = [json.loads(x)["prompt"] for x in
+               (pipeline / "data" / "prompts.jsonl").read_text().splitlines()[:8]]  # fmt: skip
+    ro = rollout(m, cfg, prompts, g)
+    params = [*m.policy.parameters(), *m.value.parameters()]
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    stats = ppo_step(m, cfg, ro, opt, FixedKLController(0.05), g)
+    assert stats["optimizer_steps"] == 2 * 2  # epochs x minibatches
+    assert any(not torch.equal(before[k], v) for k, v in m.policy.state_dict().items())
+    assert all(torch.equal(ref_before[k], v) for k, v in m.ref.state_dict().items())
+    assert all(torch.equal(rm_before[k], v) for k, v in m.reward.state_dict().items())
+    assert stats["kl_ref"] == pytest.approx(0.0, abs=1e-5)  # policy == reference at rollout
+
+
+def test_ppo_cli_end_to_end_with_the_fuse(pipeline, capsys):
+    args = ["rlhf", "ppo", "--prompts", str(pipeline / "data" / "prompts.jsonl"),
+            "--sft-model", str(pipeline / "sft" / "model"), "--reward-model",
+            str(pipeline / "rm" / "model"), "--run-dir", str(pipeline / "ppo-cli"),
+            "--total-episodes", "32", "--batch-size", "8", "--minibatch-size", "4",
+            "--epochs", "1", "--max-new-tokens", "12", "--eval-every", "2",
+            "--eval-prompts", "8", "--kl-budget", "0.0001", "--no-progress"]  # fmt: skip
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "the safety fuse halted the run: KL to the reference" in err
+    fuse = json.loads((pipeline / "ppo-cli" / "fuse.json").read_text())
+    assert fuse["halted"] and fuse["best_update"] == 0  # only the start was under budget
+    assert (pipeline / "ppo-cli" / "best" / "model.safetensors").is_file()
+    with pytest.raises(SystemExit) as exc:  # tyro reports the config's ValueError, exit 2
+        main([*args[:-1], "--batch-size", "6"])  # the minibatch does not divide the batch
+    assert exc.value.code == 2
+    assert "--minibatch-size 4 must divide --batch-size 6" in capsys.readouterr().err
