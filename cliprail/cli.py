@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 USAGE = """usage: cliprail <command> [flags]   (add --help to any command)
 
@@ -25,7 +26,9 @@ commands:
   rlhf sft    supervised fine-tuning on demonstrations (a tiny GPT-2 or any local causal LM)
   rlhf reward train a Bradley-Terry reward model on preference pairs
   rlhf ppo    PPO against the reward model with a KL penalty and the safety fuse
-  demo        the main job: train CartPole-v1 with the classic preset, then evaluate it
+  rlhf eval   SFT against a PPO run on held-out prompts (gold judge, rates, KL); report.html
+  demo        the main job: RLHF on the healthcare world end to end (--world cartpole: PPO on
+              CartPole-v1; --hacking: a biased panel and no KL penalty, for the fuse to catch)
 
 global flags:
   --debug     show Python tracebacks instead of one-line errors
@@ -50,14 +53,23 @@ class EvalArgs:
 
 @dataclass(frozen=True)
 class DemoArgs:
-    """Train CartPole-v1 with the classic preset, then evaluate it over 20 episodes."""
+    """The main job: the whole RLHF pipeline on the embedded healthcare world (world ->
+    tokenizer -> SFT -> reward model -> PPO with the safety fuse -> eval -> report.html), on a
+    laptop CPU with no downloads. `--world cartpole` runs the Gymnasium demo instead."""
 
     run_dir: Path | None = None
-    """Run folder (default: runs/demo/cartpole-<timestamp>)."""
+    """Run folder (default: runs/demo/<world>-<timestamp>)."""
+    world: Literal["healthcare", "cartpole"] = "healthcare"
+    """healthcare: RLHF with PPO; cartpole: PPO on CartPole-v1 (classic preset), then eval."""
+    hacking: bool = False
+    """Show the failure the fuse exists for: a strongly biased reviewer panel (bias 3) and no
+    KL penalty, so the proxy reward can rise while the gold score falls."""
+    total_episodes: int = 1536
+    """PPO episodes (healthcare)."""
     total_steps: int = 100_000
-    """Environment steps to train for."""
-    seed: int = 1
-    """Seed of the run."""
+    """Environment steps (cartpole)."""
+    seed: int = 0
+    """Seed of the whole pipeline."""
     progress: bool = True
     """Show progress bars."""
 
@@ -118,13 +130,20 @@ def _rl_eval(argv: list[str]) -> int:
 def _demo(argv: list[str]) -> int:
     import tyro
 
+    args = tyro.cli(DemoArgs, args=argv, prog="cliprail demo")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_dir = args.run_dir or Path("runs/demo") / f"{args.world}-{stamp}"
+    if args.world == "cartpole":
+        return _demo_cartpole(args, run_dir)
+    return _demo_rlhf(args, run_dir)
+
+
+def _demo_cartpole(args: DemoArgs, run_dir: Path) -> int:
     from cliprail.rl.config import preset_config
     from cliprail.rl.trainer import RLTrainer, evaluate
 
-    args = tyro.cli(DemoArgs, args=argv, prog="cliprail demo")
-    run_dir = args.run_dir or Path("runs/demo") / f"cartpole-{time.strftime('%Y%m%d-%H%M%S')}"
     cfg = preset_config(
-        "classic", env_id="CartPole-v1", total_steps=args.total_steps, seed=args.seed,
+        "classic", env_id="CartPole-v1", total_steps=args.total_steps, seed=args.seed + 1,
         run_dir=run_dir, progress=args.progress,
     )  # fmt: skip
     t0 = time.perf_counter()
@@ -138,6 +157,57 @@ def _demo(argv: list[str]) -> int:
         f"{result['mean_return']:.1f} +- {result['std_return']:.1f} (solved at >= 475)"
         f"\n  run folder: {run_dir} (metrics.jsonl, tensorboard/, checkpoints/)"
     )
+    return 0
+
+
+def _demo_rlhf(args: DemoArgs, run_dir: Path) -> int:
+    from cliprail.rlhf.evaluate import EvalConfig, compare, table
+    from cliprail.rlhf.ppo import PPOConfig, train_ppo
+    from cliprail.rlhf.report import write_report
+    from cliprail.rlhf.reward import RewardConfig, train_reward
+    from cliprail.rlhf.sft import SFTConfig, train_sft
+    from cliprail.scenarios.healthcare import BuildConfig, build
+
+    t0 = time.perf_counter()
+    bias = 3.0 if args.hacking else 1.0
+    print(f"cliprail demo: healthcare scheduling assistant, run folder {run_dir}")
+    data = build(run_dir / "data", BuildConfig(seed=args.seed, reviewer_bias=bias))
+    print(f"[1/5] world: {data['prompts'].parent} (reviewer bias {bias})")
+    sft = train_sft(SFTConfig(data=data["demonstrations"], run_dir=run_dir / "sft",
+                              seed=args.seed, progress=args.progress))  # fmt: skip
+    print(f"[2/5] SFT model: {sft}")
+    rm = train_reward(RewardConfig(data=data["preferences"], sft_model=sft, run_dir=run_dir / "rm",
+                                   demonstrations=data["demonstrations"], seed=args.seed,
+                                   progress=args.progress))  # fmt: skip
+    print(f"[3/5] reward model: held-out pairwise accuracy {rm['heldout_accuracy']:.3f}")
+    ppo_cfg = PPOConfig(
+        prompts=data["prompts"], sft_model=sft, reward_model=run_dir / "rm" / "model",
+        run_dir=run_dir / "ppo", total_episodes=args.total_episodes, seed=args.seed,
+        kl_coef=0.0 if args.hacking else 0.05, kl_budget=None if args.hacking else 20.0,
+        progress=args.progress,
+    )  # fmt: skip
+    fuse = train_ppo(ppo_cfg)
+    state = "fuse halted: " + fuse["halted"] if fuse["halted"] else "fuse not tripped"
+    print(f"[4/5] PPO: {state}; best checkpoint update {fuse['best_update']} "
+          f"(eval gold {fuse['best_gold']:.3f})")  # fmt: skip
+    result = compare(EvalConfig(run_dir=run_dir / "ppo"))
+    report = write_report(run_dir / "ppo", result, out=run_dir / "report.html")
+    print(f"[5/5] evaluation on {result['n_prompts']} held-out prompts:\n{table(result)}")
+    print(f"\ncliprail demo finished in {time.perf_counter() - t0:.0f} s. Report: {report}")
+    return 0
+
+
+def _rlhf_eval(argv: list[str]) -> int:
+    import tyro
+
+    from cliprail.rlhf.evaluate import EvalConfig, compare, summary_json, table
+    from cliprail.rlhf.report import write_report
+
+    cfg = tyro.cli(EvalConfig, args=argv, prog="cliprail rlhf eval")
+    result = compare(cfg)
+    print(summary_json(result) if cfg.json else table(result))
+    path = write_report(cfg.run_dir, result)
+    print(f"cliprail: report {path}", file=sys.stderr)
     return 0
 
 
@@ -209,6 +279,7 @@ COMMANDS: dict[tuple[str, ...], Callable[[list[str]], int]] = {
     ("rlhf", "sft"): _rlhf_sft,
     ("rlhf", "reward"): _rlhf_reward,
     ("rlhf", "ppo"): _rlhf_ppo,
+    ("rlhf", "eval"): _rlhf_eval,
     ("demo",): _demo,
 }
 

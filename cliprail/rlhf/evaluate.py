@@ -1,0 +1,74 @@
+"""``cliprail rlhf eval``: the SFT model against a PPO policy (or any checkpoint) on held-out
+prompts, judged by the gold rubric, the reward model and the KL to the reference."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cliprail.configio import load_config_json
+from cliprail.errors import RunDirError
+from cliprail.rlhf.models import load_causal_lm
+from cliprail.rlhf.ppo import PPOConfig, evaluate_policy, load_models, load_requests
+
+COLUMNS = ["gold", "scheduling", "safety", "honesty", "helpfulness", "concision",
+           "unsafe_advice_rate", "missed_emergency_rate", "wrong_or_invented_slot_rate",
+           "over_refusal_rate", "proxy_reward", "kl_ref", "mean_length"]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Compare the SFT model with a PPO run's policy on held-out prompts."""
+
+    run_dir: Path
+    """A `cliprail rlhf ppo` run folder (its config names the data, SFT and reward models)."""
+    checkpoint: str = "best"
+    """Which policy of the run: best (by eval gold), policy (the last), or a folder path."""
+    split: str = "eval"
+    """Prompts to use: eval (held out) or redteam."""
+    n_prompts: int = 120
+    """At most this many prompts of the split."""
+    json: bool = False
+    """Print one JSON object instead of a table."""
+
+
+def compare(cfg: EvalConfig) -> dict[str, Any]:
+    """Evaluate SFT and the chosen policy; returns {"sft": {...}, "ppo": {...}, "win_rate"}."""
+    cfg_path = cfg.run_dir / "config.json"
+    if not cfg_path.is_file():
+        raise RunDirError(f"{cfg.run_dir}: not a PPO run folder (no config.json)")
+    ppo_cfg = load_config_json(PPOConfig, cfg_path)
+    ppo_cfg = dataclasses.replace(ppo_cfg, progress=False)
+    requests = [r for r in load_requests(ppo_cfg.prompts) if r.split == cfg.split][: cfg.n_prompts]
+    if not requests:
+        raise RunDirError(f"{ppo_cfg.prompts}: no prompts with split {cfg.split!r}")
+    models = load_models(ppo_cfg)
+    path = Path(cfg.checkpoint)
+    if cfg.checkpoint in ("best", "policy"):
+        path = cfg.run_dir / cfg.checkpoint
+    policy = load_causal_lm(path, ppo_cfg.trust_remote_code).eval()
+    sft = evaluate_policy(models, ppo_cfg, requests, policy=models.ref)
+    ppo = evaluate_policy(models, ppo_cfg, requests, policy=policy)
+    wins = sum(1.0 if a > b else 0.5 if a == b else 0.0
+               for a, b in zip(ppo["golds"], sft["golds"], strict=True))  # fmt: skip
+    return {"sft": sft, "ppo": ppo, "win_rate": wins / len(requests), "checkpoint": str(path),
+            "split": cfg.split, "n_prompts": len(requests),
+            "prompts": [r.prompt for r in requests]}  # fmt: skip
+
+
+def table(result: dict[str, Any]) -> str:
+    """A plain-text before/after table."""
+    lines = [f"{'metric':30s} {'SFT':>9s} {'PPO':>9s}"]
+    for c in COLUMNS:
+        lines.append(f"{c:30s} {result['sft'][c]:9.3f} {result['ppo'][c]:9.3f}")
+    lines.append(f"{'gold-judged win rate of PPO':30s} {'':>9s} {result['win_rate']:9.3f}")
+    return "\n".join(lines)
+
+
+def summary_json(result: dict[str, Any]) -> str:
+    slim = {k: ({c: v[c] for c in COLUMNS} if k in ("sft", "ppo") else v)
+            for k, v in result.items() if k != "prompts"}  # fmt: skip
+    return json.dumps(slim)

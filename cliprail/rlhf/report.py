@@ -1,0 +1,111 @@
+"""``report.html`` for an RLHF run: training curves, the reward-hacking picture (gold score
+against sqrt(KL to the reference), Gao et al. 2022), the per-criterion table before and after,
+and answer cards before and after for the same prompts. Plots are matplotlib PNGs embedded as
+base64, so the report is one self-contained file."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from cliprail.checkpoint import atomic_write_text
+from cliprail.rlhf.evaluate import COLUMNS
+
+
+def _png(fig: Any) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _plots(metrics: list[dict[str, Any]], fuse: dict[str, Any]) -> list[tuple[str, str]]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [m for m in metrics if "score" in m]
+    evals = fuse.get("evals", [])
+    out = []
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    ax.plot([e["update"] for e in evals], [e["proxy_reward"] for e in evals], "o-",
+            label="proxy reward (reward model)")  # fmt: skip
+    ax2 = ax.twinx()
+    ax2.plot([e["update"] for e in evals], [e["gold"] for e in evals], "s-", color="C2",
+             label="gold score (judge)")  # fmt: skip
+    ax.set_xlabel("update")
+    ax.set_ylabel("proxy reward")
+    ax2.set_ylabel("gold score", color="C2")
+    if fuse.get("best_update") is not None:
+        ax.axvline(fuse["best_update"], color="grey", ls="--", lw=1)
+    ax.set_title("Proxy reward and gold score on held-out prompts")
+    out.append(("Proxy reward vs gold score (dashed: best checkpoint)", _png(fig)))
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    ax.plot([math.sqrt(max(e["kl_ref"], 0.0)) for e in evals], [e["gold"] for e in evals], "o-")
+    for e in evals:
+        ax.annotate(str(e["update"]), (math.sqrt(max(e["kl_ref"], 0.0)), e["gold"]), fontsize=7)
+    ax.set_xlabel("sqrt(KL to the reference)  [sqrt(nats)]")
+    ax.set_ylabel("gold score")
+    ax.set_title("Gold score against sqrt(KL) (Gao et al. 2022)")
+    out.append(("The reward-hacking picture: gold score against sqrt(KL)", _png(fig)))
+    keys = [("kl_ref", "KL to reference (nats/response)"), ("clip_fraction", "clip fraction"),
+            ("approx_kl", "approx KL to rollout policy"), ("value_loss", "value loss"),
+            ("entropy", "entropy (nats/token)"),
+            ("response_length", "response length")]  # fmt: skip
+    fig, axes = plt.subplots(2, 3, figsize=(10, 5))
+    for ax, (k, title) in zip(axes.flat, keys, strict=True):
+        ax.plot([m["step"] for m in train], [m.get(k, float("nan")) for m in train])
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("episodes", fontsize=8)
+    fig.tight_layout()
+    out.append(("Training diagnostics", _png(fig)))
+    return out
+
+
+def write_report(run_dir: Path, result: dict[str, Any] | None, out: Path | None = None) -> Path:
+    """Write ``report.html`` for a PPO run folder (with an eval ``result`` from
+    :func:`cliprail.rlhf.evaluate.compare`, when there is one). Returns its path."""
+    metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    fuse = json.loads((run_dir / "fuse.json").read_text())
+    parts = ["<html><head><meta charset='utf-8'><title>cliprail RLHF report</title><style>"
+             "body{font-family:sans-serif;max-width:1000px;margin:auto}"
+             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px}"
+             ".card{background:#f6f6f6;padding:6px;margin:4px 0;white-space:pre-wrap}"
+             "</style></head><body>", "<h1>cliprail: RLHF with PPO</h1>"]  # fmt: skip
+    halted = fuse.get("halted")
+    parts.append(f"<p><b>Safety fuse:</b> {html.escape(halted) if halted else 'did not trip'}. "
+                 f"Best checkpoint: update {fuse.get('best_update')} (eval gold "
+                 f"{fuse.get('best_gold', float('nan')):.3f}).</p>")  # fmt: skip
+    for title, png in _plots(metrics, fuse):
+        parts.append(f"<h2>{html.escape(title)}</h2><img src='data:image/png;base64,{png}'/>")
+    if result is not None:
+        parts.append(f"<h2>Before and after ({result['n_prompts']} {result['split']} prompts, "
+                     f"{html.escape(result['checkpoint'])})</h2><table><tr><th>metric</th>"
+                     "<th>SFT</th><th>PPO</th></tr>")  # fmt: skip
+        for c in COLUMNS:
+            parts.append(f"<tr><td>{c}</td><td>{result['sft'][c]:.3f}</td>"
+                         f"<td>{result['ppo'][c]:.3f}</td></tr>")  # fmt: skip
+        parts.append(f"<tr><td>gold-judged win rate of PPO</td><td></td>"
+                     f"<td>{result['win_rate']:.3f}</td></tr></table>")  # fmt: skip
+        parts.append("<h2>Answer cards, before and after</h2>")
+        for i in range(min(6, result["n_prompts"])):
+            parts.append(
+                f"<h3>Prompt {i + 1}</h3>"
+                f"<div class='card'>{html.escape(result['prompts'][i])}</div>"
+                f"<b>SFT</b> (gold {result['sft']['golds'][i]:.2f})<div class='card'>"
+                f"{html.escape(result['sft']['texts'][i])}</div>"
+                f"<b>PPO</b> (gold {result['ppo']['golds'][i]:.2f})<div class='card'>"
+                f"{html.escape(result['ppo']['texts'][i])}</div>"
+            )
+    parts.append("</body></html>")
+    path = out or run_dir / "report.html"
+    atomic_write_text(path, "\n".join(parts))
+    return path
