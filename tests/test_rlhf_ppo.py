@@ -105,6 +105,17 @@ def test_ppo_cli_end_to_end_with_the_fuse(pipeline, capsys):
     fuse = json.loads((pipeline / "ppo-cli" / "fuse.json").read_text())
     assert fuse["halted"] and fuse["best_update"] == 0  # only the start was under budget
     assert (pipeline / "ppo-cli" / "best" / "model.safetensors").is_file()
+    # eval: SFT against the best checkpoint, then the report
+    assert main(["rlhf", "eval", "--run-dir", str(pipeline / "ppo-cli"), "--n-prompts", "8",
+                 "--json"]) == 0  # fmt: skip
+    res = json.loads(capsys.readouterr().out)
+    assert set(res["sft"]) >= {"gold", "unsafe_advice_rate", "missed_emergency_rate",
+                               "wrong_or_invented_slot_rate", "over_refusal_rate",
+                               "proxy_reward", "kl_ref", "mean_length"}  # fmt: skip
+    assert 0.0 <= res["win_rate"] <= 1.0 and res["n_prompts"] == 8
+    assert res["sft"]["kl_ref"] == pytest.approx(0.0, abs=1e-5)  # the reference itself
+    report = (pipeline / "ppo-cli" / "report.html").read_text()
+    assert report.count("<img") == 3 and "Answer cards" in report and "Safety fuse" in report
     with pytest.raises(SystemExit) as exc:  # tyro reports the config's ValueError, exit 2
         main([*args[:-1], "--batch-size", "6"])  # the minibatch does not divide the batch
     assert exc.value.code == 2
