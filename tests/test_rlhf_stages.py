@@ -85,3 +85,24 @@ def test_identical_pair_and_long_prompt_and_empty_response(tmp_path, sft_model):
         encode_pairs(tok, ["Patient: hi"], ["   "], 32, 8)
     with pytest.raises(DataError, match="file not found"):
         read_jsonl(tmp_path / "nope.jsonl", ("prompt",))
+
+
+def test_tokenizer_that_does_not_fit_the_model_is_refused(world, sft_model, tmp_path):
+    from cliprail.errors import CheckpointError
+    from cliprail.rlhf.models import check_vocab, load_tokenizer, tiny_gpt2
+
+    tok = load_tokenizer(sft_model)
+    small = tiny_gpt2(vocab_size=50, n_embd=16, n_head=2, n_layer=1)
+    with pytest.raises(CheckpointError, match="do not belong together"):
+        check_vocab(tok, small, "model-dir")
+    small.save_pretrained(tmp_path / "small")
+    tok.save_pretrained(tmp_path / "small")
+    with pytest.raises(CheckpointError, match="do not belong together"):
+        train_sft(
+            SFTConfig(
+                data=world["demonstrations"],
+                run_dir=tmp_path / "r",
+                model=tmp_path / "small",
+                progress=False,
+            )
+        )
