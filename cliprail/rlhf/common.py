@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,7 +45,3 @@ def batches(
 def adamw(params: Any, lr: float) -> torch.optim.Optimizer:
     """AdamW with eps 1e-5 (Huang et al. 2024) and no weight decay."""
     return torch.optim.AdamW(params, lr=lr, eps=1e-5, weight_decay=0.0)
-
-
-def write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2) + "\n")
