@@ -126,6 +126,26 @@ class SpaceSpec:
     high: tuple[float, ...] = ()
 
 
+class EnvActions:
+    """Turn the policy's actions into what the env takes: Gaussian samples clipped to the Box
+    (the buffer keeps the raw sample; "37 implementation details", continuous #4), category
+    indices shifted by the space's ``start``. One mapping for training and evaluation."""
+
+    def __init__(self, spec: SpaceSpec) -> None:
+        self.kind = spec.kind
+        self.low = np.asarray(spec.low, np.float32)
+        self.high = np.asarray(spec.high, np.float32)
+        self.starts = np.asarray(spec.action_start, np.int64)
+
+    def __call__(self, actions: np.ndarray) -> np.ndarray:
+        if self.kind == "continuous":
+            # np.minimum/np.maximum: np.clip without its Python-level dispatch (a hot path)
+            return np.minimum(np.maximum(actions, self.low), self.high)
+        if self.kind == "discrete":
+            return actions[:, 0] + self.starts[0]
+        return actions + self.starts
+
+
 def space_spec(obs_space: gym.Space, action_space: gym.Space, env_id: str) -> SpaceSpec:
     """Check that cliprail supports the spaces and describe them; :class:`EnvError` if not."""
     if not isinstance(obs_space, gym.spaces.Box):

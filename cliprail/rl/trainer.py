@@ -48,7 +48,7 @@ from cliprail.ppo import (
 )
 from cliprail.rl.agent import ActorCritic, NumpyPolicy
 from cliprail.rl.config import RLConfig, derived, validate
-from cliprail.rl.envs import SpaceSpec, make_vector_env, space_spec
+from cliprail.rl.envs import EnvActions, SpaceSpec, make_vector_env, space_spec
 from cliprail.rl.normalize import ObsNormalizer, RewardScaler
 
 # Fields that may differ between the original command and its --resume.
@@ -130,9 +130,7 @@ class RLTrainer:
         self.recent_returns: collections.deque[float] = collections.deque(maxlen=100)
         self.recent_lengths: collections.deque[int] = collections.deque(maxlen=100)
         self._alloc_buffers()
-        self._low = np.asarray(self.spec.low, np.float32)
-        self._high = np.asarray(self.spec.high, np.float32)
-        self._starts = np.asarray(self.spec.action_start, np.int64)
+        self._env_actions = EnvActions(self.spec)
 
     # --- setup -------------------------------------------------------------------------------
     def _check_run_dir(self) -> None:
@@ -178,14 +176,6 @@ class RLTrainer:
         if self.cfg.atari:
             return obs
         return obs.astype(np.float32, copy=False)
-
-    def _env_actions(self, actions: np.ndarray) -> np.ndarray:
-        if self.agent.continuous:
-            # Clip what the env receives; the raw sample stays in the buffer (37 details, c#4).
-            return np.minimum(np.maximum(actions, self._low), self._high)
-        if self.spec.kind == "discrete":
-            return actions[:, 0] + self._starts[0]
-        return actions + self._starts
 
     def _actor(self) -> Callable[[np.ndarray], np.ndarray]:
         if NumpyPolicy.supports(self.agent):
@@ -552,8 +542,7 @@ def evaluate(
     quota = np.array([episodes // n_envs + (i < episodes % n_envs) for i in range(n_envs)])
     returns: list[float] = []
     lengths: list[int] = []
-    low, high = np.asarray(spec.low, np.float32), np.asarray(spec.high, np.float32)
-    starts = np.asarray(spec.action_start, np.int64)
+    env_actions = EnvActions(spec)
     torch.manual_seed(cfg.seed if seed is None else seed)
     obs, _ = envs.reset(seed=(cfg.seed + 10_000) if seed is None else seed)
     try:
@@ -562,14 +551,7 @@ def evaluate(
                 x = obs_norm(obs, update=False) if obs_norm is not None else obs
                 x_t = torch.as_tensor(np.asarray(x, dtype=np.uint8 if cfg.atari else np.float32))
                 actions, _, _ = agent.act(x_t, deterministic=deterministic)
-                a = actions.numpy()
-                if agent.continuous:
-                    a = np.clip(a, low, high)
-                elif spec.kind == "discrete":
-                    a = a[:, 0] + starts[0]
-                else:
-                    a = a + starts
-                obs, _, terminated, truncated, info = envs.step(a)
+                obs, _, terminated, truncated, info = envs.step(env_actions(actions.numpy()))
                 if (terminated | truncated).any():
                     final = info.get("final_info") or {}
                     if "episode" in final:
