@@ -60,19 +60,26 @@ def _scores(rm: ScalarHeadModel, tok: Any, prompts: list[str], responses: list[s
 
 
 @torch.no_grad()
+def score_all(rm: ScalarHeadModel, tok: Any, prompts: list[str], responses: list[str],
+              cfg: RewardConfig, chunk: int = 64) -> torch.Tensor:  # fmt: skip
+    """``(N,)`` reward-model scores, computed in chunks, without gradients."""
+    rm.eval()
+    return torch.cat([
+        _scores(rm, tok, prompts[i : i + chunk], responses[i : i + chunk], cfg)
+        for i in range(0, len(prompts), chunk)
+    ])  # fmt: skip
+
+
 def accuracy(
     rm: ScalarHeadModel, tok: Any, pairs: list[dict[str, Any]], cfg: RewardConfig
 ) -> float:
-    """Share of pairs where the chosen response scores higher."""
-    rm.eval()
-    right = 0
-    for i in range(0, len(pairs), 64):
-        chunk = pairs[i : i + 64]
-        prompts = [p["prompt"] for p in chunk]
-        c = _scores(rm, tok, prompts, [p["chosen"] for p in chunk], cfg)
-        r = _scores(rm, tok, prompts, [p["rejected"] for p in chunk], cfg)
-        right += int((c > r).sum())
-    return right / max(len(pairs), 1)
+    """Share of pairs where the chosen response scores higher (0 for no pairs)."""
+    if not pairs:
+        return 0.0
+    prompts = [p["prompt"] for p in pairs]
+    chosen = score_all(rm, tok, prompts, [p["chosen"] for p in pairs], cfg)
+    rejected = score_all(rm, tok, prompts, [p["rejected"] for p in pairs], cfg)
+    return float((chosen > rejected).float().mean())
 
 
 def train_reward(cfg: RewardConfig) -> dict[str, Any]:
@@ -116,12 +123,8 @@ def train_reward(cfg: RewardConfig) -> dict[str, Any]:
         shift = 0.0
         if cfg.demonstrations is not None:
             demos = read_jsonl(cfg.demonstrations, ("prompt", "response"))[:512]
-            with torch.no_grad():
-                scores = torch.cat([
-                    _scores(rm, tok, [d["prompt"] for d in demos[i : i + 64]],
-                            [d["response"] for d in demos[i : i + 64]], cfg)
-                    for i in range(0, len(demos), 64)
-                ])  # fmt: skip
+            scores = score_all(rm, tok, [d["prompt"] for d in demos],
+                               [d["response"] for d in demos], cfg)  # fmt: skip
             shift = float(scores.mean())
         metrics["reward_shift"] = shift
         log.log(step + 1, metrics)
