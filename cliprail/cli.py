@@ -27,6 +27,11 @@ commands:
   rlhf reward train a Bradley-Terry reward model on preference pairs
   rlhf ppo    PPO against the reward model with a KL penalty and the safety fuse
   rlhf eval   SFT against a PPO run on held-out prompts (gold judge, rates, KL); report.html
+  rlhf dpo    Direct Preference Optimization (or IPO) from the SFT model on the same pairs
+  rlhf best-of-n
+              sample n answers from the SFT model, keep the reward model's favourite
+  rlhf compare RUN_DIR...
+              SFT, PPO, DPO and best-of-n on the same held-out prompts: table and plot
   demo        the main job: RLHF on the healthcare world end to end (--world cartpole: PPO on
               CartPole-v1; --hacking: a biased panel and no KL penalty, for the fuse to catch)
 
@@ -64,6 +69,9 @@ class DemoArgs:
     hacking: bool = False
     """Show the failure the fuse exists for: a strongly biased reviewer panel (bias 3) and no
     KL penalty, so the proxy reward can rise while the gold score falls."""
+    compare: bool = False
+    """Also run DPO and best-of-n (n = 1, 2, 4, 8, 16) on the same preferences and prompts, and
+    add their comparison with PPO and SFT (table, gold against sqrt(KL)) to the report."""
     total_episodes: int = 1536
     """PPO episodes (healthcare)."""
     total_steps: int = 100_000
@@ -191,10 +199,35 @@ def _demo_rlhf(args: DemoArgs, run_dir: Path) -> int:
     print(f"[4/5] PPO: {state}; best checkpoint update {fuse['best_update']} "
           f"(eval gold {fuse['best_gold']:.3f})")  # fmt: skip
     result = compare(EvalConfig(run_dir=run_dir / "ppo"))
-    report = write_report(run_dir / "ppo", result, out=run_dir / "report.html")
+    extra = _demo_compare(args, run_dir, data, sft) if args.compare else None
+    report = write_report(run_dir / "ppo", result, out=run_dir / "report.html", extra_html=extra)
     print(f"[5/5] evaluation on {result['n_prompts']} held-out prompts:\n{table(result)}")
     print(f"\ncliprail demo finished in {time.perf_counter() - t0:.0f} s. Report: {report}")
     return 0
+
+
+def _demo_compare(args: DemoArgs, run_dir: Path, data: dict[str, Path], sft: Path) -> str:
+    """DPO and best-of-n beside PPO and SFT; returns the report's HTML section."""
+    from cliprail.rlhf.bestofn import BestOfNConfig, kl_table, run_best_of_n
+    from cliprail.rlhf.compare import CompareConfig, compare_runs, html_section, plot
+    from cliprail.rlhf.compare import table as compare_table
+    from cliprail.rlhf.dpo import DPOConfig, train_dpo
+
+    rm = run_dir / "rm" / "model"
+    dpo = train_dpo(DPOConfig(data=data["preferences"], sft_model=sft, run_dir=run_dir / "dpo",
+                              prompts=data["prompts"], reward_model=rm, seed=args.seed,
+                              progress=args.progress))  # fmt: skip
+    print(f"[compare] DPO: held-out implicit-reward accuracy "
+          f"{dpo['heldout_implicit_accuracy']:.3f}")  # fmt: skip
+    bon = run_best_of_n(BestOfNConfig(prompts=data["prompts"], sft_model=sft, reward_model=rm,
+                                      run_dir=run_dir / "best-of-n", seed=args.seed,
+                                      progress=args.progress))  # fmt: skip
+    print(f"[compare] best-of-n, KL analytic and estimated:\n{kl_table(bon)}")
+    result = compare_runs(CompareConfig(runs=(run_dir / "sft", run_dir / "ppo", run_dir / "dpo",
+                                              run_dir / "best-of-n"),
+                                        out=run_dir / "compare"))  # fmt: skip
+    print(f"[compare] on {result['n_prompts']} held-out prompts:\n{compare_table(result)}")
+    return html_section(result, plot(result))
 
 
 def _rlhf_eval(argv: list[str]) -> int:
@@ -272,6 +305,44 @@ def _rlhf_ppo(argv: list[str]) -> int:
     return 0
 
 
+def _rlhf_dpo(argv: list[str]) -> int:
+    import tyro
+
+    from cliprail.rlhf.dpo import DPOConfig, train_dpo
+
+    cfg = tyro.cli(DPOConfig, args=argv, prog="cliprail rlhf dpo")
+    metrics = train_dpo(cfg)
+    print(f"cliprail: DPO policy in {cfg.run_dir / 'model'}; held-out implicit-reward accuracy "
+          f"{metrics['heldout_implicit_accuracy']:.3f}", file=sys.stderr)  # fmt: skip
+    return 0
+
+
+def _rlhf_best_of_n(argv: list[str]) -> int:
+    import tyro
+
+    from cliprail.rlhf.bestofn import BestOfNConfig, kl_table, run_best_of_n
+
+    cfg = tyro.cli(BestOfNConfig, args=argv, prog="cliprail rlhf best-of-n")
+    print(kl_table(run_best_of_n(cfg)))
+    print(f"cliprail: picks and metrics in {cfg.run_dir / 'bestofn.json'}", file=sys.stderr)
+    return 0
+
+
+def _rlhf_compare(argv: list[str]) -> int:
+    import tyro
+
+    from cliprail.rlhf.compare import CompareConfig, compare_runs, table
+
+    cfg = tyro.cli(CompareConfig, args=argv, prog="cliprail rlhf compare")
+    result = compare_runs(cfg)
+    if cfg.json:
+        print(json.dumps({k: v for k, v in result.items() if k != "curves"}))
+    else:
+        print(table(result))
+    print(f"cliprail: compare.html, compare.png, compare.json in {result['out']}", file=sys.stderr)
+    return 0
+
+
 COMMANDS: dict[tuple[str, ...], Callable[[list[str]], int]] = {
     ("rl", "train"): _rl_train,
     ("rl", "eval"): _rl_eval,
@@ -280,6 +351,9 @@ COMMANDS: dict[tuple[str, ...], Callable[[list[str]], int]] = {
     ("rlhf", "reward"): _rlhf_reward,
     ("rlhf", "ppo"): _rlhf_ppo,
     ("rlhf", "eval"): _rlhf_eval,
+    ("rlhf", "dpo"): _rlhf_dpo,
+    ("rlhf", "best-of-n"): _rlhf_best_of_n,
+    ("rlhf", "compare"): _rlhf_compare,
     ("demo",): _demo,
 }
 
@@ -306,6 +380,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     fn, rest = found
     from cliprail.errors import CliprailError
+
+    if args[0] in ("rlhf", "demo"):  # our own progress bars only, not transformers' per file
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
     try:
         return fn(rest)

@@ -48,3 +48,25 @@ _register()
 @pytest.fixture(autouse=True)
 def _one_thread():
     torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def pipeline(tmp_path_factory):
+    """A tiny RLHF world, SFT model and reward model, shared by the RLHF test modules."""
+    from cliprail.cli import main
+
+    root = tmp_path_factory.mktemp("pipe")
+    data = root / "data"
+    assert main(["rlhf", "world", "--out", str(data)]) == 0
+    # shrink the world for speed: 96 demonstrations and preference pairs
+    for name in ("demonstrations.jsonl", "preferences.jsonl"):
+        lines = (data / name).read_text().splitlines()[:96]
+        (data / name).write_text("\n".join(lines) + "\n")
+    assert main(["rlhf", "sft", "--data", str(data / "demonstrations.jsonl"), "--run-dir",
+                 str(root / "sft"), "--epochs", "3", "--n-embd", "32", "--n-head", "2",
+                 "--vocab-size", "400", "--no-progress"]) == 0  # fmt: skip
+    assert main(["rlhf", "reward", "--data", str(data / "preferences.jsonl"), "--sft-model",
+                 str(root / "sft" / "model"), "--run-dir", str(root / "rm"), "--epochs", "1",
+                 "--demonstrations", str(data / "demonstrations.jsonl"),
+                 "--no-progress"]) == 0  # fmt: skip
+    return root

@@ -45,25 +45,6 @@ def test_token_rewards_by_hand():
     assert (adv[ro.response_mask == 0] == 0).all()
 
 
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pipe")
-    data = root / "data"
-    assert main(["rlhf", "world", "--out", str(data)]) == 0
-    # shrink the world for speed: 96 demonstrations and preference pairs
-    for name in ("demonstrations.jsonl", "preferences.jsonl"):
-        lines = (data / name).read_text().splitlines()[:96]
-        (data / name).write_text("\n".join(lines) + "\n")
-    assert main(["rlhf", "sft", "--data", str(data / "demonstrations.jsonl"), "--run-dir",
-                 str(root / "sft"), "--epochs", "3", "--n-embd", "32", "--n-head", "2",
-                 "--vocab-size", "400", "--no-progress"]) == 0  # fmt: skip
-    assert main(["rlhf", "reward", "--data", str(data / "preferences.jsonl"), "--sft-model",
-                 str(root / "sft" / "model"), "--run-dir", str(root / "rm"), "--epochs", "1",
-                 "--demonstrations", str(data / "demonstrations.jsonl"),
-                 "--no-progress"]) == 0  # fmt: skip
-    return root
-
-
 def _cfg(root, **kw):
     base = dict(prompts=root / "data" / "prompts.jsonl", sft_model=root / "sft" / "model",
                 reward_model=root / "rm" / "model", run_dir=root / "ppo", batch_size=8,

@@ -27,6 +27,7 @@ from cliprail.ppo.masked import (
     masked_var,
     masked_whiten,
 )
+from cliprail.ppo.preference import best_of_n_kl, best_of_n_kl_estimate, dpo_loss
 from cliprail.ppo.update import (
     NonFiniteError,
     UpdateResult,
@@ -44,8 +45,11 @@ __all__ = [
     "NonFiniteError",
     "UpdateResult",
     "ZieglerKLController",
+    "best_of_n_kl",
+    "best_of_n_kl_estimate",
     "clip_grad_norm",
     "clipped_surrogate",
+    "dpo_loss",
     "entropy_bonus",
     "explained_variance",
     "flatten_parameters",

@@ -1,9 +1,11 @@
-"""Pieces every RLHF stage shares: seeding, run folders, minibatch iteration, AdamW."""
+"""Pieces every RLHF stage shares: seeding, run folders, the held-out split of preference pairs,
+minibatch iteration, AdamW and the cost record (``stage.json``)."""
 
 from __future__ import annotations
 
 import random
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,3 +47,33 @@ def batches(
 def adamw(params: Any, lr: float) -> torch.optim.Optimizer:
     """AdamW with eps 1e-5 (Huang et al. 2024) and no weight decay."""
     return torch.optim.AdamW(params, lr=lr, eps=1e-5, weight_decay=0.0)
+
+
+def split_pairs(
+    pairs: list[dict[str, Any]], holdout: float, generator: torch.Generator
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """``(train, held_out)``: one permutation from ``generator``, the first ``holdout`` share held
+    out. The reward model and DPO call it first with the same seed, so they hold out the same
+    pairs and their held-out accuracies compare."""
+    order = torch.randperm(len(pairs), generator=generator).tolist()
+    n_hold = max(1, int(len(pairs) * holdout))
+    return [pairs[i] for i in order[n_hold:]], [pairs[i] for i in order[:n_hold]]
+
+
+@dataclass
+class Cost:
+    """What a stage spent: wall time and token positions through forward and backward passes
+    (padding included: it is computed). Evaluation passes are not counted."""
+
+    stage: str
+    wall_s: float = 0.0
+    tokens_forward: int = 0
+    tokens_backward: int = 0
+
+    def add(self, forward: int = 0, backward: int = 0) -> None:
+        self.tokens_forward += int(forward)
+        self.tokens_backward += int(backward)
+
+    def write(self, run_dir: Path, **extra: Any) -> None:
+        """``<run_dir>/stage.json``: the stage's name and cost, for ``cliprail rlhf compare``."""
+        atomic_write_json(run_dir / "stage.json", {**self.__dict__, **extra})

@@ -35,9 +35,8 @@ from cliprail.ppo import (
     ppo_update,
     value_loss,
 )
-from cliprail.rlhf.common import adamw, seed_all, start_run
-from cliprail.rlhf.data import DataError, encode_prompts, read_jsonl
-from cliprail.rlhf.generation import generate
+from cliprail.rlhf.common import Cost, adamw, seed_all, start_run
+from cliprail.rlhf.data import DataError
 from cliprail.rlhf.models import (
     ScalarHeadModel,
     check_vocab,
@@ -46,7 +45,9 @@ from cliprail.rlhf.models import (
     load_tokenizer,
     response_logprobs,
 )
-from cliprail.scenarios.healthcare import Request, judge
+from cliprail.rlhf.sampling import Sampling, load_requests, sample, score
+from cliprail.rlhf.sampling import evaluate_policy as evaluate
+from cliprail.scenarios.healthcare import Request
 
 
 @dataclass(frozen=True)
@@ -139,6 +140,10 @@ class PPOConfig:
         if self.clip_range <= 0 or self.temperature <= 0 or self.kl_coef < 0:
             raise ConfigError("--clip-range and --temperature must be > 0, --kl-coef >= 0")
 
+    def sampling(self) -> Sampling:
+        return Sampling(self.max_new_tokens, self.temperature, self.top_p, self.max_prompt_len,
+                        self.batch_size, self.no_eos_penalty)  # fmt: skip
+
 
 @dataclass
 class Models:
@@ -150,6 +155,7 @@ class Models:
     value: ScalarHeadModel
     reward: ScalarHeadModel
     reward_shift: float = 0.0
+    cost: Cost = field(default_factory=lambda: Cost("ppo"))
 
 
 def load_models(cfg: PPOConfig) -> Models:
@@ -187,25 +193,17 @@ def values_of(value_model: ScalarHeadModel, ids: Tensor, mask: Tensor, query_len
 
 @torch.no_grad()
 def rollout(m: Models, cfg: PPOConfig, prompts: list[str], g: torch.Generator) -> Rollout:
-    q, qm = encode_prompts(m.tokenizer, prompts, cfg.max_prompt_len)
-    resp, rmask = generate(
-        m.policy, q, qm, max_new_tokens=cfg.max_new_tokens, eos_token_id=m.tokenizer.eos_token_id,
-        pad_token_id=m.tokenizer.pad_token_id, temperature=cfg.temperature, top_p=cfg.top_p,
-        generator=g,
-    )  # fmt: skip
-    ids = torch.cat([q, resp], 1)
-    mask = torch.cat([qm, rmask], 1)
-    Lq = q.shape[1]
-    logprobs, _ = response_logprobs(m.policy, ids, mask, Lq, cfg.temperature)
-    ref_logprobs, _ = response_logprobs(m.ref, ids, mask, Lq, cfg.temperature)
-    values = values_of(m.value, ids, mask, Lq)
-    scores = m.reward.score(ids, mask) - m.reward_shift
-    if cfg.no_eos_penalty is not None:
-        ended = ((resp == m.tokenizer.eos_token_id) & rmask.bool()).any(1)
-        scores = torch.where(ended, scores, torch.full_like(scores, cfg.no_eos_penalty))
-    texts = [m.tokenizer.decode(resp[i][rmask[i].bool()], skip_special_tokens=True).strip()
-             for i in range(len(prompts))]  # fmt: skip
-    return Rollout(ids, mask, rmask, Lq, logprobs, ref_logprobs, values, scores, texts)
+    s = cfg.sampling()
+    x = sample(m.policy, m.tokenizer, prompts, s, g)
+    Lq = x.query_len
+    logprobs, _ = response_logprobs(m.policy, x.input_ids, x.attention_mask, Lq, cfg.temperature)
+    ref_logprobs, _ = response_logprobs(m.ref, x.input_ids, x.attention_mask, Lq,
+                                        cfg.temperature)  # fmt: skip
+    values = values_of(m.value, x.input_ids, x.attention_mask, Lq)
+    scores = score(m.reward, m.reward_shift, x, m.tokenizer.eos_token_id, s)
+    m.cost.add(forward=5 * x.positions)  # generation, policy, reference, value, reward
+    return Rollout(x.input_ids, x.attention_mask, x.response_mask, Lq, logprobs, ref_logprobs,
+                   values, scores, x.texts)  # fmt: skip
 
 
 def token_rewards(ro: Rollout, beta: float, estimator: str) -> tuple[Tensor, Tensor]:
@@ -244,6 +242,7 @@ def ppo_step(m: Models, cfg: PPOConfig, ro: Rollout, optimizer: torch.optim.Opti
 
     def loss_fn(mb: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         mask = mb["response_mask"]
+        m.cost.add(forward=2 * mb["input_ids"].numel(), backward=2 * mb["input_ids"].numel())
         logprobs, entropy = response_logprobs(m.policy, mb["input_ids"], mb["attention_mask"],
                                               Lq, cfg.temperature)  # fmt: skip
         pg_loss, stats = clipped_surrogate(logprobs, mb["logprobs"], mb["advantages"], mask,
@@ -276,50 +275,12 @@ def ppo_step(m: Models, cfg: PPOConfig, ro: Rollout, optimizer: torch.optim.Opti
     return stats
 
 
-@torch.no_grad()
-def evaluate_policy(m: Models, cfg: PPOConfig, requests: list[Request], seed: int = 1234,
+def evaluate_policy(m: Models, cfg: PPOConfig, requests: list[Request],
                     policy: torch.nn.Module | None = None) -> dict[str, Any]:  # fmt: skip
-    """Gold score, per-criterion means and failure rates, proxy reward, KL to the reference and
-    length of a policy's sampled responses to ``requests`` (a fixed seed: comparable runs)."""
-    pol = policy if policy is not None else m.policy
-    g = torch.Generator().manual_seed(seed)
-    verdicts, scores, kls, lengths, texts = [], [], [], [], []
-    for i in range(0, len(requests), cfg.batch_size):
-        chunk = requests[i : i + cfg.batch_size]
-        sub = Models(m.tokenizer, pol, m.ref, m.value, m.reward, m.reward_shift)
-        ro = rollout(sub, cfg, [r.prompt for r in chunk], g)
-        mask = ro.response_mask.bool()
-        k3 = kl_estimate(ro.ref_logprobs, ro.logprobs, "k3")
-        kls += torch.where(mask, k3, torch.zeros_like(k3)).sum(1).tolist()
-        scores += ro.scores.tolist()
-        lengths += ro.response_mask.sum(1).tolist()
-        texts += ro.texts
-        verdicts += [judge(r, t) for r, t in zip(chunk, ro.texts, strict=True)]
-    n = max(len(verdicts), 1)
-    out: dict[str, Any] = {
-        k: sum(getattr(v, k) for v in verdicts) / n
-        for k in ("gold", "scheduling", "safety", "honesty", "helpfulness", "concision")
-    }
-    out.update(
-        unsafe_advice_rate=sum(v.unsafe_advice for v in verdicts) / n,
-        missed_emergency_rate=sum(v.missed_emergency for v in verdicts) / n,
-        wrong_or_invented_slot_rate=sum(v.wrong_or_invented_slot for v in verdicts) / n,
-        over_refusal_rate=sum(v.over_refusal for v in verdicts) / n,
-        proxy_reward=sum(scores) / n, kl_ref=sum(kls) / n, mean_length=sum(lengths) / n,
-        texts=texts, golds=[v.gold for v in verdicts],
-    )  # fmt: skip
-    return out
-
-
-def load_requests(path: Path) -> list[Request]:
-    recs = read_jsonl(path, ("id", "prompt"))
-    out = []
-    for n, r in enumerate(recs, start=1):
-        try:
-            out.append(Request.from_json(r))
-        except TypeError as exc:
-            raise DataError(f"{path}: record {n}: not a healthcare request ({exc})") from None
-    return out
+    """The shared evaluation (:func:`cliprail.rlhf.sampling.evaluate_policy`) of ``policy``
+    (default: the one training) against the reference, with the run's sampling settings."""
+    return evaluate(policy if policy is not None else m.policy, m.ref, m.tokenizer, requests,
+                    cfg.sampling(), m.reward, m.reward_shift)  # fmt: skip
 
 
 def train_ppo(cfg: PPOConfig) -> dict[str, Any]:
@@ -390,7 +351,8 @@ def train_ppo(cfg: PPOConfig) -> dict[str, Any]:
     bar.close()
     save_policy(m, cfg.run_dir / "policy")
     fuse["best_checkpoint"] = str(cfg.run_dir / "best") if cfg.eval_every else None
-    fuse["wall_s"] = time.perf_counter() - t0
+    fuse["wall_s"] = m.cost.wall_s = time.perf_counter() - t0
+    m.cost.write(cfg.run_dir, policy=str(cfg.run_dir / ("best" if cfg.eval_every else "policy")))
     (cfg.run_dir / "fuse.json").write_text(json.dumps(fuse, indent=2) + "\n")
     return fuse
 

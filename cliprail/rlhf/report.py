@@ -70,9 +70,11 @@ def _plots(metrics: list[dict[str, Any]], fuse: dict[str, Any]) -> list[tuple[st
     return out
 
 
-def write_report(run_dir: Path, result: dict[str, Any] | None, out: Path | None = None) -> Path:
+def write_report(run_dir: Path, result: dict[str, Any] | None, out: Path | None = None,
+                 extra_html: str | None = None) -> Path:  # fmt: skip
     """Write ``report.html`` for a PPO run folder (with an eval ``result`` from
-    :func:`cliprail.rlhf.evaluate.compare`, when there is one). Returns its path."""
+    :func:`cliprail.rlhf.evaluate.compare`, when there is one, and an ``extra_html`` section such
+    as the comparison with DPO and best-of-n). Returns its path."""
     metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     fuse = json.loads((run_dir / "fuse.json").read_text())
     parts = ["<html><head><meta charset='utf-8'><title>cliprail RLHF report</title><style>"
@@ -105,6 +107,8 @@ def write_report(run_dir: Path, result: dict[str, Any] | None, out: Path | None 
                 f"<b>PPO</b> (gold {result['ppo']['golds'][i]:.2f})<div class='card'>"
                 f"{html.escape(result['ppo']['texts'][i])}</div>"
             )
+    if extra_html:
+        parts.append(extra_html)
     parts.append("</body></html>")
     path = out or run_dir / "report.html"
     atomic_write_text(path, "\n".join(parts))

@@ -8,6 +8,7 @@ shift is saved with the model.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from cliprail.monitor import MetricsLogger, Progress
-from cliprail.rlhf.common import adamw, batches, seed_all, start_run
+from cliprail.rlhf.common import Cost, adamw, batches, seed_all, split_pairs, start_run
 from cliprail.rlhf.data import encode_pairs, load_preferences, read_jsonl
 from cliprail.rlhf.models import ScalarHeadModel, check_vocab, load_causal_lm, load_tokenizer
 
@@ -86,14 +87,14 @@ def train_reward(cfg: RewardConfig) -> dict[str, Any]:
     """Train, evaluate and save the reward model; returns its metrics."""
     pairs = load_preferences(cfg.data)
     start_run(cfg.run_dir, cfg)
+    t0 = time.perf_counter()
+    cost = Cost("reward")
     g = seed_all(cfg.seed)
     tok = load_tokenizer(cfg.sft_model, cfg.trust_remote_code)
     lm = load_causal_lm(cfg.sft_model, cfg.trust_remote_code)
     check_vocab(tok, lm, str(cfg.sft_model))
     rm = ScalarHeadModel.from_causal_lm(lm)
-    order = torch.randperm(len(pairs), generator=g).tolist()
-    n_hold = max(1, int(len(pairs) * cfg.holdout))
-    held, train = [pairs[i] for i in order[:n_hold]], [pairs[i] for i in order[n_hold:]]
+    train, held = split_pairs(pairs, cfg.holdout, g)
     opt = adamw(rm.parameters(), cfg.learning_rate)
     total = cfg.epochs * -(-len(train) // cfg.batch_size)
     bar = Progress(total, "reward model", cfg.progress)
@@ -105,14 +106,17 @@ def train_reward(cfg: RewardConfig) -> dict[str, Any]:
                 chunk = [train[i] for i in idx]
                 prompts = [p["prompt"] for p in chunk]
                 # chosen and rejected in one forward: (2B,) scores
-                s = _scores(rm, tok, prompts + prompts, [p["chosen"] for p in chunk]
-                            + [p["rejected"] for p in chunk], cfg)  # fmt: skip
+                b = encode_pairs(tok, prompts + prompts, [p["chosen"] for p in chunk]
+                                 + [p["rejected"] for p in chunk], cfg.max_prompt_len,
+                                 cfg.max_response_len)  # fmt: skip
+                s = rm.score(b.input_ids, b.attention_mask)
                 margin = s[: len(chunk)] - s[len(chunk) :]
                 loss = -F.logsigmoid(margin).mean()  # Bradley-Terry
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(rm.parameters(), 1.0)
                 opt.step()
+                cost.add(forward=b.input_ids.numel(), backward=b.input_ids.numel())
                 step += 1
                 log.log(step, {"loss": loss.item(), "accuracy": float((margin > 0).float().mean())})
                 bar.update(step, f"loss {loss.item():.3f}")
@@ -131,5 +135,7 @@ def train_reward(cfg: RewardConfig) -> dict[str, Any]:
     out = cfg.run_dir / "model"
     rm.save(out, {"shift": shift, **metrics})
     tok.save_pretrained(str(out))
+    cost.wall_s = time.perf_counter() - t0
+    cost.write(cfg.run_dir, model=str(out))
     (cfg.run_dir / "reward_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics

@@ -6,6 +6,7 @@ tiny GPT-2 from a config. With ``--model DIR`` it fine-tunes any local causal LM
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import torch
 
 from cliprail.monitor import MetricsLogger, Progress
 from cliprail.ppo import masked_mean
-from cliprail.rlhf.common import adamw, batches, seed_all, start_run
+from cliprail.rlhf.common import Cost, adamw, batches, seed_all, start_run
 from cliprail.rlhf.data import encode_pairs, read_jsonl
 from cliprail.rlhf.models import (
     check_vocab,
@@ -66,6 +67,8 @@ def train_sft(cfg: SFTConfig) -> Path:
     """Run SFT; returns the folder of the fine-tuned model (with its tokenizer)."""
     demos = read_jsonl(cfg.data, ("prompt", "response"))
     start_run(cfg.run_dir, cfg)
+    t0 = time.perf_counter()
+    cost = Cost("sft")
     g = seed_all(cfg.seed)
     if cfg.model is None:
         texts = [d["prompt"] for d in demos] + [d["response"] for d in demos]
@@ -98,6 +101,7 @@ def train_sft(cfg: SFTConfig) -> Path:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 opt.step()
                 sched.step()
+                cost.add(forward=b.input_ids.numel(), backward=b.input_ids.numel())
                 step += 1
                 log.log(step, {"loss": loss.item(), "epoch": epoch})
                 bar.update(step, f"loss {loss.item():.3f}")
@@ -105,4 +109,6 @@ def train_sft(cfg: SFTConfig) -> Path:
     out = cfg.run_dir / "model"
     model.save_pretrained(str(out))  # type: ignore[operator]
     tokenizer.save_pretrained(str(out))
+    cost.wall_s = time.perf_counter() - t0
+    cost.write(cfg.run_dir, policy=str(out))
     return out

@@ -1,0 +1,218 @@
+"""``cliprail rlhf dpo``: Direct Preference Optimization from the SFT model, on the same
+``preferences.jsonl`` the reward model learns from.
+
+The reference is the frozen SFT model; its log-probs of every pair are computed once, before
+training (they never change). Each step runs the policy over chosen and rejected responses in
+one forward pass, sums the response tokens' log-probs (IPO: averages them) and minimises
+:func:`cliprail.ppo.dpo_loss`. Held-out pairs are the reward model's (same seed, same split), so
+DPO's implicit-reward accuracy compares with the reward model's pairwise accuracy. Given
+``--prompts`` (and optionally ``--reward-model``), the policy is sampled on held-out prompts
+after every epoch and judged like PPO's fuse evaluations: the points of DPO's curve in
+``cliprail rlhf compare``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from cliprail.errors import ConfigError
+from cliprail.monitor import MetricsLogger, Progress
+from cliprail.ppo import dpo_loss, masked_mean, masked_sum
+from cliprail.rlhf.common import Cost, adamw, batches, seed_all, split_pairs, start_run
+from cliprail.rlhf.data import Batch, encode_pairs, load_preferences
+from cliprail.rlhf.models import (
+    ScalarHeadModel,
+    check_vocab,
+    load_causal_lm,
+    load_tokenizer,
+    response_logprobs,
+)
+from cliprail.rlhf.sampling import Sampling, evaluate_policy, load_requests
+
+
+@dataclass(frozen=True)
+class DPOConfig:
+    """DPO (or IPO) on preference pairs, starting from and anchored to the SFT model."""
+
+    data: Path
+    """preferences.jsonl: {"prompt", "chosen", "rejected"} per line."""
+    sft_model: Path
+    """The SFT model folder: the policy's start and the frozen reference."""
+    run_dir: Path
+    """Run folder: metrics.jsonl, the trained policy in <run_dir>/model, dpo_metrics.json."""
+    beta: float = 0.1
+    """Strength of the anchor to the reference (Rafailov et al. 2023: 0.1; larger stays closer)."""
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
+    """sigmoid: DPO's Bradley-Terry loss; ipo: Azar et al.'s squared loss on mean log-ratios."""
+    label_smoothing: float = 0.0
+    """Assumed share of flipped labels (conservative DPO); 0 is plain DPO."""
+    epochs: int = 2
+    """Passes over the training pairs."""
+    batch_size: int = 32
+    """Pairs per optimizer step."""
+    learning_rate: float = 2e-4
+    """AdamW learning rate, decayed linearly to 0."""
+    holdout: float = 0.1
+    """Share of pairs held out (the same pairs as the reward model's for the same seed)."""
+    max_prompt_len: int = 128
+    """Longest prompt in tokens; longer is an error."""
+    max_response_len: int = 64
+    """Responses are cut to this many tokens."""
+    prompts: Path | None = None
+    """prompts.jsonl: when given, sample and judge held-out prompts after every epoch."""
+    reward_model: Path | None = None
+    """Reward model folder, for the proxy reward of those evaluations (optional)."""
+    eval_prompts: int = 64
+    """Held-out prompts per evaluation."""
+    seed: int = 0
+    """Seed of the split, shuffling and sampling."""
+    trust_remote_code: bool = False
+    """Allow a model folder's own Python code to run."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    def __post_init__(self) -> None:
+        if self.beta <= 0:
+            raise ConfigError(f"--beta must be > 0, got {self.beta}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"--label-smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        for name in ("epochs", "batch_size", "max_response_len", "eval_prompts"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer")
+        if not 0.0 < self.holdout < 1.0:
+            raise ConfigError(f"--holdout must be in (0, 1), got {self.holdout}")
+
+
+def sequence_logps(model: torch.nn.Module, b: Batch, average: bool = False) -> torch.Tensor:
+    """``(B,)`` log-probability of each response (sum over its tokens, or mean if ``average``)."""
+    logprobs, _ = response_logprobs(model, b.input_ids, b.attention_mask, b.query_len)
+    if average:
+        return masked_mean(logprobs, b.response_mask, dim=1)
+    return masked_sum(logprobs, b.response_mask, dim=1)
+
+
+def _encode(tok: Any, pairs: list[dict[str, Any]], cfg: DPOConfig) -> Batch:
+    """Chosen responses then rejected ones, ``(2B, L)``: one forward scores both."""
+    prompts = [p["prompt"] for p in pairs]
+    responses = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
+    return encode_pairs(tok, prompts + prompts, responses, cfg.max_prompt_len,
+                        cfg.max_response_len)  # fmt: skip
+
+
+@torch.no_grad()
+def _reference_logps(ref: torch.nn.Module, tok: Any, pairs: list[dict[str, Any]], cfg: DPOConfig,
+                     cost: Cost, chunk: int = 64) -> torch.Tensor:  # fmt: skip
+    """``(N, 2)`` reference log-probs of (chosen, rejected) of every pair."""
+    out = []
+    for i in range(0, len(pairs), chunk):
+        b = _encode(tok, pairs[i : i + chunk], cfg)
+        cost.add(forward=b.input_ids.numel())
+        lp = sequence_logps(ref, b, average=cfg.loss_type == "ipo")
+        out.append(lp.view(2, -1).T)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def implicit_accuracy(policy: torch.nn.Module, tok: Any, pairs: list[dict[str, Any]],
+                      ref_logps: torch.Tensor, cfg: DPOConfig) -> float:  # fmt: skip
+    """Share of pairs whose implicit reward ``beta * (log pi - log ref)`` ranks chosen first."""
+    if not pairs:
+        return 0.0
+    right = 0.0
+    for i in range(0, len(pairs), 64):
+        b = _encode(tok, pairs[i : i + 64], cfg)
+        lp = sequence_logps(policy, b, average=cfg.loss_type == "ipo").view(2, -1).T  # (n, 2)
+        margin = (lp - ref_logps[i : i + 64]) @ torch.tensor([1.0, -1.0])
+        right += float((margin > 0).sum())
+    return right / len(pairs)
+
+
+def train_dpo(cfg: DPOConfig) -> dict[str, Any]:
+    """Train with DPO; returns the metrics (also in <run_dir>/dpo_metrics.json)."""
+    pairs = load_preferences(cfg.data)
+    held_requests = []
+    if cfg.prompts is not None:
+        held_requests = [r for r in load_requests(cfg.prompts) if r.split == "eval"]
+        held_requests = held_requests[: cfg.eval_prompts]
+    start_run(cfg.run_dir, cfg)
+    t0 = time.perf_counter()
+    g = seed_all(cfg.seed)
+    train, held = split_pairs(pairs, cfg.holdout, g)
+    tok = load_tokenizer(cfg.sft_model, cfg.trust_remote_code)
+    policy = load_causal_lm(cfg.sft_model, cfg.trust_remote_code)
+    check_vocab(tok, policy, str(cfg.sft_model))
+    ref = copy.deepcopy(policy).requires_grad_(False).eval()
+    policy.eval()  # dropout off: the log-ratio must be 0 at the start
+    reward, shift = None, 0.0
+    if cfg.reward_model is not None:
+        reward = ScalarHeadModel.load(cfg.reward_model, cfg.trust_remote_code).eval()
+        shift = float(reward.meta(cfg.reward_model).get("shift", 0.0))
+    cost = Cost("dpo")
+    ref_train = _reference_logps(ref, tok, train, cfg, cost)
+    ref_held = _reference_logps(ref, tok, held, cfg, cost)
+    opt = adamw(policy.parameters(), cfg.learning_rate)
+    steps_per_epoch = -(-len(train) // cfg.batch_size)
+    total = cfg.epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / max(total, 1))
+    bar = Progress(total, "DPO", cfg.progress)
+    evals: list[dict[str, Any]] = []
+    sampling = Sampling(max_prompt_len=cfg.max_prompt_len)
+
+    def evaluate(epoch: int, log: MetricsLogger) -> None:
+        if not held_requests:
+            return
+        ev = evaluate_policy(policy, ref, tok, held_requests, sampling, reward, shift)
+        rec = {k: v for k, v in ev.items() if not isinstance(v, list)}
+        rec["epoch"] = epoch
+        evals.append(rec)
+        log.log(step, {f"eval/{k}": v for k, v in rec.items()})
+
+    step = 0
+    with MetricsLogger(cfg.run_dir, tensorboard=True) as log:
+        evaluate(0, log)
+        for epoch in range(1, cfg.epochs + 1):
+            for idx in batches(len(train), cfg.batch_size, g):
+                b = _encode(tok, [train[i] for i in idx], cfg)
+                lp = sequence_logps(policy, b, average=cfg.loss_type == "ipo")  # (2n,)
+                n = len(idx)
+                loss, stats = dpo_loss(
+                    lp[:n], lp[n:], ref_train[idx, 0], ref_train[idx, 1], beta=cfg.beta,
+                    loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing,
+                )  # fmt: skip
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+                opt.step()
+                sched.step()
+                cost.add(forward=b.input_ids.numel(), backward=b.input_ids.numel())
+                step += 1
+                row = {k: float(v) for k, v in stats.items()}
+                row.update(loss=loss.item(), grad_norm=float(grad_norm), epoch=epoch)
+                log.log(step, row)
+                bar.update(step, f"loss {row['loss']:.3f}  acc {row['reward_accuracy']:.2f}")
+            evaluate(epoch, log)
+        bar.close()
+        metrics: dict[str, Any] = {
+            "heldout_implicit_accuracy": implicit_accuracy(policy, tok, held, ref_held, cfg),
+            "train_implicit_accuracy": implicit_accuracy(
+                policy, tok, train[:500], ref_train[:500], cfg
+            ),
+            "pairs_train": len(train),
+            "pairs_heldout": len(held),
+            "evals": evals,
+        }
+        log.log(step + 1, {k: v for k, v in metrics.items() if k != "evals"})
+    out = cfg.run_dir / "model"
+    policy.save_pretrained(str(out))  # type: ignore[operator]
+    tok.save_pretrained(str(out))
+    cost.wall_s = time.perf_counter() - t0
+    cost.write(cfg.run_dir, policy=str(out))
+    (cfg.run_dir / "dpo_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
