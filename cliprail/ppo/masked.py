@@ -58,7 +58,11 @@ def masked_mean(x: Tensor, mask: Tensor | None = None, dim: int | None = None) -
 def masked_var(x: Tensor, mask: Tensor | None = None, unbiased: bool = True) -> Tensor:
     """Variance of the counted entries of ``x`` (a scalar), Bessel-corrected when ``unbiased``."""
     mean = masked_mean(x, mask)
-    sq = masked_sum((x - mean) ** 2, mask)
+    centered = x - mean
+    m = _as_bool(mask, x)
+    if m is not None:  # before squaring: 0 * (NaN - mean) in the backward would leak (a bug)
+        centered = torch.where(m, centered, torch.zeros((), dtype=x.dtype, device=x.device))
+    sq = masked_sum(centered**2, mask)
     count = masked_count(x, mask)
     denom = count - 1.0 if unbiased else count
     return sq / denom.clamp_min(1.0)
@@ -75,14 +79,15 @@ def masked_whiten(
     >>> masked_whiten(torch.tensor([1.0, 3.0, 7.0]), torch.tensor([1, 1, 0]))
     tensor([-0.7071,  0.7071,  0.0000])
     """
-    if mask is None:  # fast path: the hot loop of the Gymnasium trainer calls this per minibatch
+    m = _as_bool(mask, x)
+    if m is None:  # fast path: the hot loop of the Gymnasium trainer calls this per minibatch
         mean, var = x.mean(), x.var() if x.numel() > 1 else x.new_zeros(())
-    else:
-        mean, var = masked_mean(x, mask), masked_var(x, mask)
+    else:  # padding out first, so neither the value nor the gradient sees it
+        x = torch.where(m, x, torch.zeros((), dtype=x.dtype, device=x.device))
+        mean, var = masked_mean(x, m), masked_var(x, m)
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean
-    m = _as_bool(mask, x)
     if m is not None:
         out = torch.where(m, out, torch.zeros((), dtype=x.dtype, device=x.device))
     return out
@@ -94,6 +99,9 @@ def explained_variance(values: Tensor, returns: Tensor, mask: Tensor | None = No
     Returns NaN when the returns have no variance (nothing to explain), as SB3 and CleanRL do.
     """
     var_returns = masked_var(returns, mask)
-    if var_returns.item() == 0.0:
+    # Constant returns: the variance is rarely exactly 0 in floating point (the mean of n copies
+    # of 0.1 is not 0.1), so compare with the returns' own scale, not with 0.
+    scale = masked_mean(returns * returns, mask)
+    if var_returns.item() <= 1e3 * torch.finfo(returns.dtype).eps * max(scale.item(), 1e-30):
         return torch.tensor(float("nan"), dtype=values.dtype, device=values.device)
     return 1.0 - masked_var(returns - values, mask) / var_returns
