@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+BENCH  := $(VENV)/.installed-bench
 
 .PHONY: setup test lint demo bench clean
 
@@ -11,8 +12,13 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,atari,bench]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,atari]'
 	touch $(STAMP)
+
+# The peers (Stable-Baselines3, TRL) only for the benchmarks: tests never import them.
+$(BENCH): $(STAMP)
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,atari,bench]'
+	touch $(BENCH)
 
 lint: $(STAMP)
 	$(BIN)/ruff check cliprail tests benchmarks examples
@@ -25,7 +31,7 @@ test: lint
 demo: $(STAMP)
 	$(BIN)/cliprail demo
 
-bench: $(STAMP)
+bench: $(BENCH)
 	$(BIN)/python benchmarks/rl_throughput.py
 
 clean:
