@@ -101,3 +101,31 @@ def test_ppo_cli_end_to_end_with_the_fuse(pipeline, capsys):
         main([*args[:-1], "--batch-size", "6"])  # the minibatch does not divide the batch
     assert exc.value.code == 2
     assert "--minibatch-size 4 must divide --batch-size 6" in capsys.readouterr().err
+
+
+def test_trim_padding_keeps_logprobs_and_values(pipeline):
+    from cliprail.rlhf.models import response_logprobs
+    from cliprail.rlhf.ppo import trim_padding, values_of
+
+    cfg = _cfg(pipeline)
+    m = load_models(cfg)
+    prompts = [json.loads(x)["prompt"] for x in
+               (pipeline / "data" / "prompts.jsonl").read_text().splitlines()[:8]]  # fmt: skip
+    ro = rollout(m, cfg, prompts, torch.Generator().manual_seed(0))
+    # a minibatch of the two shortest prompts: left prompt columns all padding
+    order = ro.attention_mask[:, : ro.query_len].sum(1).argsort()[:2]
+    mb = {"input_ids": ro.input_ids[order], "attention_mask": ro.attention_mask[order],
+          "response_mask": ro.response_mask[order], "logprobs": ro.logprobs[order]}  # fmt: skip
+    small, lq = trim_padding(mb, ro.query_len)
+    assert small["input_ids"].shape[1] < mb["input_ids"].shape[1] and lq < ro.query_len
+    full_lp, _ = response_logprobs(m.policy, mb["input_ids"], mb["attention_mask"], ro.query_len,
+                                   cfg.temperature)  # fmt: skip
+    lp, _ = response_logprobs(m.policy, small["input_ids"], small["attention_mask"], lq,
+                              cfg.temperature)  # fmt: skip
+    Lr = small["response_mask"].shape[1]
+    real = small["response_mask"].bool()
+    torch.testing.assert_close(lp[real], full_lp[:, :Lr][real], atol=1e-5, rtol=1e-5)
+    assert not mb["response_mask"][:, Lr:].any()  # only padding was cut on the right
+    v_full = values_of(m.value, mb["input_ids"], mb["attention_mask"], ro.query_len)
+    v = values_of(m.value, small["input_ids"], small["attention_mask"], lq)
+    torch.testing.assert_close(v[real], v_full[:, :Lr][real], atol=1e-5, rtol=1e-5)

@@ -229,6 +229,26 @@ def advantages_and_returns(ro: Rollout, rewards: Tensor, cfg: PPOConfig) -> tupl
     return masked_whiten(adv, mask), ret  # whitened over the whole batch
 
 
+def trim_padding(mb: dict[str, Tensor], query_len: int) -> tuple[dict[str, Tensor], int]:
+    """Drop the columns that are padding in every row of a minibatch: prompt columns on the left
+    (prompts are left-padded) and response columns on the right. Position ids come from the
+    attention mask and padding is masked out of attention, so the result is the same up to
+    float rounding, for less work. Returns the trimmed minibatch and its query length."""
+    seq_cols = mb["attention_mask"].bool().any(0)  # (Lq + Lr,)
+    left = int(seq_cols[:query_len].long().argmax()) if bool(seq_cols[:query_len].any()) else 0
+    resp_cols = mb["response_mask"].bool().any(0)  # (Lr,)
+    keep_r = int(resp_cols.nonzero().max()) + 1 if bool(resp_cols.any()) else 1
+    if left == 0 and keep_r == resp_cols.shape[0]:
+        return mb, query_len
+    out = {}
+    for k, v in mb.items():
+        if k in ("input_ids", "attention_mask"):  # (B, Lq + Lr)
+            out[k] = v[:, left : query_len + keep_r]
+        else:  # (B, Lr) per-response-token tensors
+            out[k] = v[:, :keep_r]
+    return out, query_len - left
+
+
 def ppo_step(m: Models, cfg: PPOConfig, ro: Rollout, optimizer: torch.optim.Optimizer,
              kl_ctl: FixedKLController | ZieglerKLController,
              g: torch.Generator) -> dict[str, float]:  # fmt: skip
@@ -241,13 +261,14 @@ def ppo_step(m: Models, cfg: PPOConfig, ro: Rollout, optimizer: torch.optim.Opti
     Lq = ro.query_len
 
     def loss_fn(mb: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        mb, lq = trim_padding(mb, Lq)
         mask = mb["response_mask"]
         m.cost.add(forward=2 * mb["input_ids"].numel(), backward=2 * mb["input_ids"].numel())
         logprobs, entropy = response_logprobs(m.policy, mb["input_ids"], mb["attention_mask"],
-                                              Lq, cfg.temperature)  # fmt: skip
+                                              lq, cfg.temperature)  # fmt: skip
         pg_loss, stats = clipped_surrogate(logprobs, mb["logprobs"], mb["advantages"], mask,
                                            clip_range=cfg.clip_range)  # fmt: skip
-        values = values_of(m.value, mb["input_ids"], mb["attention_mask"], Lq)
+        values = values_of(m.value, mb["input_ids"], mb["attention_mask"], lq)
         v_loss, v_stats = value_loss(values, mb["values"], mb["returns"], mask,
                                      clip_range=cfg.clip_range_vf)  # fmt: skip
         ent, e_stats = entropy_bonus(entropy if cfg.ent_coef else entropy.detach(), mask)
