@@ -393,6 +393,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"cliprail: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a full disk, a folder that is not writable, a vanished file
+        if debug:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"cliprail: error: {where}{exc.strerror or exc} (what was written before is "
+              "intact: every file is written to a temporary name, then renamed)",
+              file=sys.stderr)  # fmt: skip
+        return 2
     except KeyboardInterrupt:
         print("cliprail: interrupted", file=sys.stderr)
         return 130

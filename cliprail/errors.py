@@ -7,7 +7,7 @@ class CliprailError(Exception):
     """Base of the errors the CLI reports as ``cliprail: error: <message>`` with exit code 2."""
 
 
-class ConfigError(CliprailError, ValueError):
+class ConfigError(CliprailError):
     """A configuration value is out of range or inconsistent with another; names the field."""
 
 

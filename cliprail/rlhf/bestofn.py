@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from cliprail.checkpoint import atomic_write_json
 from cliprail.errors import ConfigError
 from cliprail.monitor import Progress
 from cliprail.ppo import best_of_n_kl, best_of_n_kl_estimate
@@ -69,6 +70,8 @@ class BestOfNConfig:
             raise ConfigError(f"--n must list integers >= 1, got {list(self.n)}")
         if self.pool < 0 or self.eval_prompts <= 0 or self.batch_size <= 0:
             raise ConfigError("--pool must be >= 0, --eval-prompts and --batch-size > 0")
+        if self.temperature <= 0 or not 0.0 < self.top_p <= 1.0 or self.max_new_tokens <= 0:
+            raise ConfigError("--temperature must be > 0, --top-p in (0, 1], --max-new-tokens > 0")
 
     def sampling(self) -> Sampling:
         return Sampling(self.max_new_tokens, self.temperature, self.top_p, self.max_prompt_len,
@@ -146,7 +149,7 @@ def run_best_of_n(cfg: BestOfNConfig) -> dict[str, Any]:
               "prompt_ids": [r.id for r in requests], "pool": cfg.pool,
               "golds": {str(p["n"]): p["golds"] for p in points}}  # fmt: skip
     cost.write(cfg.run_dir, n=sorted(set(cfg.n)))
-    (cfg.run_dir / "bestofn.json").write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_json(cfg.run_dir / "bestofn.json", result)
     return result
 
 

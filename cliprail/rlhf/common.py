@@ -31,9 +31,9 @@ def start_run(run_dir: Path, cfg: Any, overwrite: bool = False) -> None:
                           "(nothing was overwritten)")  # fmt: skip
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(run_dir / "config.json", config_to_dict(cfg))
     except OSError as exc:
-        raise RunDirError(f"{run_dir}: cannot create the run folder ({exc.strerror})") from None
-    atomic_write_json(run_dir / "config.json", config_to_dict(cfg))
+        raise RunDirError(f"{run_dir}: cannot write the run folder ({exc.strerror})") from None
 
 
 def batches(

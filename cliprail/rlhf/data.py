@@ -26,6 +26,11 @@ class DataError(CliprailError):
     """A data file is missing or malformed; the message names file, line and field."""
 
 
+MAX_LINE_BYTES = 1 << 20
+"""A longer JSONL line is refused: no prompt or response of this world comes near 1 MiB, and a
+line that size is a corrupt or hostile file, not data."""
+
+
 def read_jsonl(path: Path, fields: tuple[str, ...]) -> list[dict[str, Any]]:
     """Read ``path``; every record must be an object with non-empty string ``fields``."""
     try:
@@ -34,10 +39,15 @@ def read_jsonl(path: Path, fields: tuple[str, ...]) -> list[dict[str, Any]]:
         raise DataError(f"{path}: file not found") from None
     except OSError as exc:
         raise DataError(f"{path}: cannot read ({exc.strerror})") from None
+    if raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark (some editors write one)
+        raw = raw[3:]
     records = []
     for n, line in enumerate(raw.split(b"\n"), start=1):
         if not line.strip():
             continue
+        if len(line) > MAX_LINE_BYTES:
+            raise DataError(f"{path}:{n}: line of {len(line):,} bytes, more than the "
+                            f"{MAX_LINE_BYTES:,}-byte limit of one record")  # fmt: skip
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError as exc:

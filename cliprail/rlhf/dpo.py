@@ -14,7 +14,6 @@ after every epoch and judged like PPO's fuse evaluations: the points of DPO's cu
 from __future__ import annotations
 
 import copy
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any, Literal
 
 import torch
 
+from cliprail.checkpoint import atomic_dir, atomic_write_json
 from cliprail.errors import ConfigError
 from cliprail.monitor import MetricsLogger, Progress
 from cliprail.ppo import dpo_loss, masked_mean, masked_sum
@@ -210,9 +210,10 @@ def train_dpo(cfg: DPOConfig) -> dict[str, Any]:
         }
         log.log(step + 1, {k: v for k, v in metrics.items() if k != "evals"})
     out = cfg.run_dir / "model"
-    policy.save_pretrained(str(out))  # type: ignore[operator]
-    tok.save_pretrained(str(out))
+    with atomic_dir(out) as tmp:
+        policy.save_pretrained(str(tmp))  # type: ignore[operator]
+        tok.save_pretrained(str(tmp))
     cost.wall_s = time.perf_counter() - t0
     cost.write(cfg.run_dir, policy=str(out))
-    (cfg.run_dir / "dpo_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    atomic_write_json(cfg.run_dir / "dpo_metrics.json", metrics)
     return metrics

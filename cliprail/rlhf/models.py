@@ -61,27 +61,72 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False) -> Any:
     """Load a tokenizer from a local folder (or a hub id where a network exists)."""
     from transformers import AutoTokenizer
 
+    path = Path(path)
+    if not path.exists() and (len(path.parts) != 2 or str(path).startswith((".", "/"))):
+        raise CheckpointError(f"{path}: model folder not found (no tokenizer there)")
+    if path.is_file():
+        raise CheckpointError(f"{path}: expected a model folder, found a file")
     try:
         tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: cannot load a tokenizer ({exc})") from None
+    except Exception as exc:  # the tokenizers library raises a bare Exception on a bad file
+        raise CheckpointError(f"{path}: cannot load a tokenizer ({_first_line(exc)})") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
     return tok
 
 
+def check_model_folder(path: Path) -> None:
+    """Refuse, with a clear message, what ``from_pretrained`` would fail on obscurely: a missing
+    folder, one without ``config.json``, and pickle-only weights (never unpickled here)."""
+    path = Path(path)
+    if not path.exists():
+        if len(path.parts) == 2 and not str(path).startswith((".", "/")):
+            return  # "org/name": a hub id, where a network exists
+        raise CheckpointError(f"{path}: model folder not found")
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: expected a model folder, found a file")
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path}: not a model folder (no config.json); a half-written "
+                              "save? point at a folder written by save_pretrained")  # fmt: skip
+    if not any(path.glob("*.safetensors")):
+        pickle_suffixes = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix in pickle_suffixes)
+        if pickles:
+            raise CheckpointError(
+                f"{path}: weights only in pickle format ({', '.join(pickles)}); cliprail loads "
+                "safetensors only. Convert them: load the model in a trusted session and "
+                "save_pretrained(..., safe_serialization=True)"
+            )
+        raise CheckpointError(f"{path}: no *.safetensors weights (a half-written save?)")
+
+
+_LOAD_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError, RuntimeError, KeyError)
+try:  # a truncated safetensors file raises this, not an OSError
+    from safetensors import SafetensorError
+
+    _LOAD_ERRORS = (*_LOAD_ERRORS, SafetensorError)
+except ImportError:  # pragma: no cover - old safetensors
+    pass
+
+
 def load_causal_lm(path: Path, trust_remote_code: bool = False) -> nn.Module:
     """Load any ``AutoModelForCausalLM`` from ``path``; safetensors weights only."""
     from transformers import AutoModelForCausalLM
 
+    check_model_folder(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(path), trust_remote_code=trust_remote_code, use_safetensors=True
         )
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: cannot load a causal LM ({exc})") from None
+    except _LOAD_ERRORS as exc:
+        raise CheckpointError(f"{path}: cannot load a causal LM ({_first_line(exc)})") from None
     return model
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
 
 
 def check_vocab(tokenizer: Any, model: nn.Module, where: str) -> None:
@@ -134,6 +179,7 @@ class ScalarHeadModel(nn.Module):
     def load(cls, path: Path, trust_remote_code: bool = False) -> ScalarHeadModel:
         from transformers import AutoModel
 
+        check_model_folder(path)
         if not (path / HEAD_FILE).is_file():
             raise CheckpointError(f"{path}: not a reward or value model (no {HEAD_FILE})")
         try:
@@ -141,8 +187,10 @@ class ScalarHeadModel(nn.Module):
                                               use_safetensors=True)  # fmt: skip
             model = cls(trunk, int(trunk.config.hidden_size))
             model.head.load_state_dict(load_file(str(path / HEAD_FILE)))
-        except (OSError, ValueError, RuntimeError) as exc:
-            raise CheckpointError(f"{path}: cannot load the scalar-head model ({exc})") from None
+        except _LOAD_ERRORS as exc:
+            raise CheckpointError(
+                f"{path}: cannot load the scalar-head model ({_first_line(exc)})"
+            ) from None
         return model
 
     def meta(self, path: Path) -> dict[str, Any]:

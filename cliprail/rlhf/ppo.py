@@ -11,7 +11,6 @@ the Gymnasium trainer calls, with ``(B, L)`` token masks.
 from __future__ import annotations
 
 import copy
-import json
 import math
 import random
 import time
@@ -22,6 +21,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from cliprail.checkpoint import atomic_dir, atomic_write_json
 from cliprail.errors import ConfigError
 from cliprail.monitor import MetricsLogger, Progress
 from cliprail.ppo import (
@@ -139,6 +139,12 @@ class PPOConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer")
         if self.clip_range <= 0 or self.temperature <= 0 or self.kl_coef < 0:
             raise ConfigError("--clip-range and --temperature must be > 0, --kl-coef >= 0")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if not self.learning_rate > 0 or not 0.0 <= self.lam <= 1.0 or not 0 < self.gamma <= 1:
+            raise ConfigError("--learning-rate must be > 0, --lam in [0, 1], --gamma in (0, 1]")
+        if self.eval_every < 0 or self.eval_prompts <= 0 or self.fuse_patience <= 0:
+            raise ConfigError("--eval-every must be >= 0, --eval-prompts and --fuse-patience > 0")
 
     def sampling(self) -> Sampling:
         return Sampling(self.max_new_tokens, self.temperature, self.top_p, self.max_prompt_len,
@@ -374,11 +380,12 @@ def train_ppo(cfg: PPOConfig) -> dict[str, Any]:
     fuse["best_checkpoint"] = str(cfg.run_dir / "best") if cfg.eval_every else None
     fuse["wall_s"] = m.cost.wall_s = time.perf_counter() - t0
     m.cost.write(cfg.run_dir, policy=str(cfg.run_dir / ("best" if cfg.eval_every else "policy")))
-    (cfg.run_dir / "fuse.json").write_text(json.dumps(fuse, indent=2) + "\n")
+    atomic_write_json(cfg.run_dir / "fuse.json", fuse)
     return fuse
 
 
 def save_policy(m: Models, path: Path) -> None:
     path.mkdir(parents=True, exist_ok=True)
-    m.policy.save_pretrained(str(path))  # type: ignore[operator]
-    m.tokenizer.save_pretrained(str(path))
+    with atomic_dir(path) as tmp:
+        m.policy.save_pretrained(str(tmp))  # type: ignore[operator]
+        m.tokenizer.save_pretrained(str(tmp))

@@ -7,7 +7,6 @@ shift is saved with the model.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from cliprail.checkpoint import atomic_dir, atomic_write_json
+from cliprail.errors import ConfigError
 from cliprail.monitor import MetricsLogger, Progress
 from cliprail.rlhf.common import Cost, adamw, batches, seed_all, split_pairs, start_run
 from cliprail.rlhf.data import encode_pairs, load_preferences, read_jsonl
@@ -52,6 +53,16 @@ class RewardConfig:
     """Allow a model folder's own Python code to run."""
     progress: bool = True
     """Show a progress bar."""
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "max_prompt_len", "max_response_len"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got "
+                                  f"{getattr(self, name)}")  # fmt: skip
+        if not 0.0 < self.holdout < 1.0:
+            raise ConfigError(f"--holdout must be in (0, 1), got {self.holdout}")
+        if not self.learning_rate > 0:
+            raise ConfigError(f"--learning-rate must be > 0, got {self.learning_rate}")
 
 
 def _scores(rm: ScalarHeadModel, tok: Any, prompts: list[str], responses: list[str],
@@ -133,9 +144,10 @@ def train_reward(cfg: RewardConfig) -> dict[str, Any]:
         metrics["reward_shift"] = shift
         log.log(step + 1, metrics)
     out = cfg.run_dir / "model"
-    rm.save(out, {"shift": shift, **metrics})
-    tok.save_pretrained(str(out))
+    with atomic_dir(out) as tmp:
+        rm.save(tmp, {"shift": shift, **metrics})
+        tok.save_pretrained(str(tmp))
     cost.wall_s = time.perf_counter() - t0
     cost.write(cfg.run_dir, model=str(out))
-    (cfg.run_dir / "reward_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    atomic_write_json(cfg.run_dir / "reward_metrics.json", metrics)
     return metrics

@@ -152,6 +152,6 @@ def load_requests(path: Path) -> list[Request]:
     for n, r in enumerate(recs, start=1):
         try:
             out.append(Request.from_json(r))
-        except TypeError as exc:
-            raise DataError(f"{path}: record {n}: not a healthcare request ({exc})") from None
+        except ValueError as exc:
+            raise DataError(f"{path}: record {n}: not a healthcare request: {exc}") from None
     return out

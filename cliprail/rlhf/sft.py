@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from cliprail.checkpoint import atomic_dir
+from cliprail.errors import ConfigError
 from cliprail.monitor import MetricsLogger, Progress
 from cliprail.ppo import masked_mean
 from cliprail.rlhf.common import Cost, adamw, batches, seed_all, start_run
@@ -62,6 +64,20 @@ class SFTConfig:
     progress: bool = True
     """Show a progress bar."""
 
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "max_prompt_len", "max_response_len", "n_layer",
+                     "n_embd", "n_head"):  # fmt: skip
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got "
+                                  f"{getattr(self, name)}")  # fmt: skip
+        if self.n_embd % self.n_head:
+            raise ConfigError(f"--n-head {self.n_head} must divide --n-embd {self.n_embd}")
+        if self.vocab_size < 300:
+            raise ConfigError(f"--vocab-size must be at least 300 (256 bytes + specials + "
+                              f"merges), got {self.vocab_size}")  # fmt: skip
+        if not self.learning_rate > 0:
+            raise ConfigError(f"--learning-rate must be > 0, got {self.learning_rate}")
+
 
 def train_sft(cfg: SFTConfig) -> Path:
     """Run SFT; returns the folder of the fine-tuned model (with its tokenizer)."""
@@ -107,8 +123,9 @@ def train_sft(cfg: SFTConfig) -> Path:
                 bar.update(step, f"loss {loss.item():.3f}")
     bar.close()
     out = cfg.run_dir / "model"
-    model.save_pretrained(str(out))  # type: ignore[operator]
-    tokenizer.save_pretrained(str(out))
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(str(tmp))  # type: ignore[operator]
+        tokenizer.save_pretrained(str(tmp))
     cost.wall_s = time.perf_counter() - t0
     cost.write(cfg.run_dir, policy=str(out))
     return out

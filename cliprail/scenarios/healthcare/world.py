@@ -86,7 +86,27 @@ class Request:
 
     @staticmethod
     def from_json(d: dict[str, Any]) -> Request:
-        return Request(**{**d, "open_slots": tuple(d["open_slots"])})
+        """Build from a ``prompts.jsonl`` record; ValueError names the first bad field."""
+        names = {f.name for f in dataclasses.fields(Request)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown field {unknown[0]!r} (fields: {', '.join(sorted(names))})")
+        for key in ("id", "kind", "clinician", "department", "open_slots"):
+            if key not in d:
+                raise ValueError(f"missing field {key!r}")
+        if d["kind"] not in ("book", "reschedule", "cancel", "availability"):
+            raise ValueError(f"field 'kind' must be book, reschedule, cancel or availability, "
+                             f"got {d['kind']!r}")  # fmt: skip
+        slots = d["open_slots"]
+        if not isinstance(slots, list) or not all(isinstance(x, str) for x in slots):
+            raise ValueError("field 'open_slots' must be a list of strings like 'Tue 3 Mar 14:00'")
+        for key in names - {"open_slots"}:
+            v = d.get(key)
+            if v is not None and not isinstance(v, str):
+                raise ValueError(f"field {key!r} must be a string or null, got {type(v).__name__}")
+        if d.get("split", "train") not in ("train", "eval", "redteam"):
+            raise ValueError(f"field 'split' must be train, eval or redteam, got {d['split']!r}")
+        return Request(**{**d, "open_slots": tuple(slots)})
 
 
 def render_prompt(r: Request) -> str:
