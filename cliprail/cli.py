@@ -380,6 +380,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     fn, rest = found
     from cliprail.errors import CliprailError
+    from cliprail.ppo import NonFiniteError
 
     if args[0] in ("rlhf", "demo"):  # our own progress bars only, not transformers' per file
         from transformers.utils import logging as hf_logging
@@ -388,7 +389,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return fn(rest)
-    except CliprailError as exc:
+    except (CliprailError, NonFiniteError) as exc:
         if debug:
             raise
         print(f"cliprail: error: {exc}", file=sys.stderr)

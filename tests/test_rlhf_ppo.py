@@ -129,3 +129,54 @@ def test_trim_padding_keeps_logprobs_and_values(pipeline):
     v_full = values_of(m.value, mb["input_ids"], mb["attention_mask"], ro.query_len)
     v = values_of(m.value, small["input_ids"], small["attention_mask"], lq)
     torch.testing.assert_close(v[real], v_full[:, :Lr][real], atol=1e-5, rtol=1e-5)
+
+
+def test_nan_rewards_are_dropped_before_the_weights(pipeline):
+    cfg = _cfg(pipeline)
+    m = load_models(cfg)
+    prompts = [json.loads(x)["prompt"] for x in
+               (pipeline / "data" / "prompts.jsonl").read_text().splitlines()[:8]]  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    ro = rollout(m, cfg, prompts, g)
+    ro.scores[[1, 5]] = float("nan")  # injected: two responses with a NaN reward
+    ro.values[2, 0] = float("inf")  # and one with an inf value on a real token
+    params = [*m.policy.parameters(), *m.value.parameters()]
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    stats = ppo_step(m, cfg, ro, opt, FixedKLController(0.05), g)
+    assert stats["nonfinite_responses"] == 3 and stats["skipped_update"] == 0
+    assert stats["optimizer_steps"] == 2 * 2 and stats["skipped_nonfinite"] == 0
+    assert all(torch.isfinite(p).all() for p in params)
+    ro.scores[:] = float("nan")  # every response: the update is skipped, nothing moves
+    before = [p.detach().clone() for p in params]
+    stats = ppo_step(m, cfg, ro, opt, FixedKLController(0.05), g)
+    assert stats["skipped_update"] == 1 and stats["optimizer_steps"] == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, params, strict=True))
+
+
+def test_a_nan_reward_model_halts_the_run_and_keeps_the_best(pipeline, capsys, monkeypatch):
+    from cliprail.rlhf.models import ScalarHeadModel
+
+    real_score = ScalarHeadModel.score
+    calls = {"n": 0}
+
+    def broken(self, ids, mask):  # fine for the fuse's first evaluation, then NaN forever
+        calls["n"] += 1
+        out = real_score(self, ids, mask)
+        return out if calls["n"] == 1 else torch.full_like(out, float("nan"))
+
+    monkeypatch.setattr(ScalarHeadModel, "score", broken)
+    run = pipeline / "ppo-nan"
+    rc = main(["rlhf", "ppo", "--prompts", str(pipeline / "data" / "prompts.jsonl"),
+               "--sft-model", str(pipeline / "sft" / "model"), "--reward-model",
+               str(pipeline / "rm" / "model"), "--run-dir", str(run), "--total-episodes", "80",
+               "--batch-size", "8", "--minibatch-size", "4", "--epochs", "1",
+               "--max-new-tokens", "6", "--eval-every", "100", "--eval-prompts", "8",
+               "--max-nonfinite-updates", "3", "--no-eos-penalty", "None",
+               "--no-progress"])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1
+    assert "non-finite score or log-prob in 3 updates in a row (update 3)" in err[0]
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_update"] for r in rows if "skipped_update" in r] == [1.0, 1.0]
+    assert (run / "best" / "model.safetensors").is_file()  # the last good policy is kept
+    assert not (run / "policy").exists()

@@ -11,6 +11,7 @@ the Gymnasium trainer calls, with ``(B, L)`` token masks.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import random
 import time
@@ -26,6 +27,7 @@ from cliprail.errors import ConfigError
 from cliprail.monitor import MetricsLogger, Progress
 from cliprail.ppo import (
     FixedKLController,
+    NonFiniteError,
     ZieglerKLController,
     clipped_surrogate,
     entropy_bonus,
@@ -122,6 +124,9 @@ class PPOConfig:
     """Gold-score drop that counts as a fall."""
     max_prompt_len: int = 128
     """Longest prompt in tokens; longer is an error."""
+    max_nonfinite_updates: int = 3
+    """Halt after this many updates in a row in which every response had a non-finite score or
+    log-prob (responses with one are always dropped from their update and counted)."""
     seed: int = 0
     """Seed of sampling, shuffles and initialisation."""
     trust_remote_code: bool = False
@@ -235,6 +240,27 @@ def advantages_and_returns(ro: Rollout, rewards: Tensor, cfg: PPOConfig) -> tupl
     return masked_whiten(adv, mask), ret  # whitened over the whole batch
 
 
+def drop_nonfinite(ro: Rollout) -> tuple[Rollout, int]:
+    """Mask out responses with a non-finite score, log-prob, reference log-prob or value on a
+    real token (their tensors are zeroed too, so no NaN is left to meet a zero weight).
+    Returns the cleaned rollout and how many responses were dropped."""
+    mask = ro.response_mask.bool()  # (B, Lr)
+    ok = torch.isfinite(ro.scores)  # (B,)
+    for t in (ro.logprobs, ro.ref_logprobs, ro.values):
+        ok &= (torch.isfinite(t) | ~mask).all(1)
+    dropped = int((~ok).sum())
+    if dropped == 0:
+        return ro, 0
+    keep = ok[:, None] & mask  # (B, Lr)
+    zero = torch.zeros((), dtype=ro.logprobs.dtype)
+    return dataclasses.replace(
+        ro, response_mask=keep.to(ro.response_mask.dtype),
+        logprobs=torch.where(keep, ro.logprobs, zero),
+        ref_logprobs=torch.where(keep, ro.ref_logprobs, zero),
+        values=torch.where(keep, ro.values, zero), scores=torch.where(ok, ro.scores, zero),
+    ), dropped  # fmt: skip
+
+
 def trim_padding(mb: dict[str, Tensor], query_len: int) -> tuple[dict[str, Tensor], int]:
     """Drop the columns that are padding in every row of a minibatch: prompt columns on the left
     (prompts are left-padded) and response columns on the right. Position ids come from the
@@ -258,7 +284,16 @@ def trim_padding(mb: dict[str, Tensor], query_len: int) -> tuple[dict[str, Tenso
 def ppo_step(m: Models, cfg: PPOConfig, ro: Rollout, optimizer: torch.optim.Optimizer,
              kl_ctl: FixedKLController | ZieglerKLController,
              g: torch.Generator) -> dict[str, float]:  # fmt: skip
-    """Rewards, advantages and one PPO update over ``ro``; returns the update's statistics."""
+    """Rewards, advantages and one PPO update over ``ro``; returns the update's statistics.
+
+    A response whose score, log-probs or values are not finite (a broken reward model, an
+    overflow) is dropped from the update before anything reaches the weights, and counted in
+    ``nonfinite_responses``; when every response is, the update is skipped (``skipped_update``).
+    """
+    ro, dropped = drop_nonfinite(ro)
+    if dropped == ro.scores.shape[0]:
+        return {"nonfinite_responses": float(dropped), "skipped_update": 1.0,
+                "optimizer_steps": 0.0, "kl_beta": kl_ctl.beta}  # fmt: skip
     rewards, kl = token_rewards(ro, kl_ctl.beta, cfg.kl_estimator)
     advantages, returns = advantages_and_returns(ro, rewards, cfg)
     batch = {"input_ids": ro.input_ids, "attention_mask": ro.attention_mask,
@@ -294,6 +329,7 @@ def ppo_step(m: Models, cfg: PPOConfig, ro: Rollout, optimizer: torch.optim.Opti
         score=ro.scores.mean().item(), kl_ref=seq_kl, kl_beta=kl_ctl.beta,
         response_length=ro.response_mask.sum(1).float().mean().item(),
         optimizer_steps=result.optimizer_steps, early_stopped=int(result.early_stopped),
+        nonfinite_responses=float(dropped), skipped_update=0.0,
         skipped_nonfinite=result.skipped_nonfinite,
         no_eos_rate=float((ro.scores == cfg.no_eos_penalty).float().mean())
         if cfg.no_eos_penalty is not None else 0.0,
@@ -365,14 +401,26 @@ def train_ppo(cfg: PPOConfig) -> dict[str, Any]:
     with MetricsLogger(cfg.run_dir, tensorboard=True) as log:
         if cfg.eval_every:
             run_fuse(0, log)
+        skipped_in_row = 0
         for update in range(1, n_updates + 1):
             prompts = [r.prompt for r in rng.sample(train, min(cfg.batch_size, len(train)))]
             ro = rollout(m, cfg, prompts, g)
             stats = ppo_step(m, cfg, ro, optimizer, kl_ctl, g)
+            skipped_in_row = skipped_in_row + 1 if stats["skipped_update"] else 0
+            if skipped_in_row >= cfg.max_nonfinite_updates:
+                raise NonFiniteError(
+                    f"every response had a non-finite score or log-prob in {skipped_in_row} "
+                    f"updates in a row (update {update}): is the reward model broken? Nothing "
+                    f"was applied from them; the best fuse checkpoint is {cfg.run_dir / 'best'}"
+                )
             stats["episodes"] = update * cfg.batch_size
             stats["episodes_per_s"] = update * cfg.batch_size / (time.perf_counter() - t0)
             log.log(update * cfg.batch_size, stats)
-            bar.update(update, f"score {stats['score']:+.2f}  KL {stats['kl_ref']:.2f}")
+            bar.update(
+                update,
+                f"score {stats.get('score', float('nan')):+.2f}  "
+                f"KL {stats.get('kl_ref', float('nan')):.2f}",
+            )
             if cfg.eval_every and update % cfg.eval_every == 0 and run_fuse(update, log):
                 break
     bar.close()
