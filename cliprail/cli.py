@@ -103,9 +103,12 @@ def _rl_train(argv: list[str]) -> int:
         "hyperparameters first; every other flag overrides them.",
     )  # fmt: skip
     trainer = RLTrainer(cfg)
-    print(f"cliprail: run folder {trainer.run_dir}", file=sys.stderr)
+    if trainer.is_main:  # under torchrun, rank 0 speaks for all
+        print(f"cliprail: run folder {trainer.run_dir}", file=sys.stderr)
     last = trainer.train()
     ret = last.get("return_last100")
+    if not trainer.is_main:
+        return 0
     print(
         f"cliprail: trained {trainer.global_step} steps; mean return of the last 100 episodes "
         f"{ret:.2f}"

@@ -39,14 +39,26 @@ def truncate_metrics(path: Path, max_step: int) -> None:
 
 
 class MetricsLogger:
-    """Write scalars to ``<run>/metrics.jsonl`` and, optionally, TensorBoard events."""
+    """Write scalars to ``<run>/metrics.jsonl`` and, optionally, TensorBoard events.
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True, resume_step: int | None = None):
+    ``enabled=False`` makes a logger that touches no file (data-parallel ranks other than 0:
+    rank 0 alone writes, after the metrics are reduced across ranks)."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        tensorboard: bool = True,
+        resume_step: int | None = None,
+        enabled: bool = True,
+    ):
         self.path = run_dir / "metrics.jsonl"
+        self._file: Any = None
+        self._tb: Any = None
+        if not enabled:
+            return
         if resume_step is not None:
             truncate_metrics(self.path, resume_step)
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
-        self._tb: Any = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -56,6 +68,8 @@ class MetricsLogger:
             )
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
+        if self._file is None:
+            return
         record = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
@@ -65,9 +79,12 @@ class MetricsLogger:
                     self._tb.add_scalar(k, v, step)
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
         if self._tb is not None:
             self._tb.close()
+            self._tb = None
 
     def __enter__(self) -> MetricsLogger:
         return self

@@ -31,6 +31,7 @@ from cliprail.ppo.preference import best_of_n_kl, best_of_n_kl_estimate, dpo_los
 from cliprail.ppo.update import (
     NonFiniteError,
     UpdateResult,
+    UpdateSync,
     clip_grad_norm,
     linear_anneal,
     minibatch_indices,
@@ -44,6 +45,7 @@ __all__ = [
     "FixedKLController",
     "NonFiniteError",
     "UpdateResult",
+    "UpdateSync",
     "ZieglerKLController",
     "best_of_n_kl",
     "best_of_n_kl_estimate",

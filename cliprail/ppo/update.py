@@ -5,6 +5,12 @@ of tensors sharing their first dimension) and a ``loss_fn`` that maps a minibatc
 ``(loss, stats)``; the loop shuffles, slices, steps
 the optimizer once per minibatch (TRL #5645 stepped once per epoch), clips the global gradient
 norm, skips non-finite minibatches and stops early on approximate KL.
+
+Data parallelism enters through one optional argument, ``sync`` (an :class:`UpdateSync`): the
+gradient average after each backward (what DDP does) and a mean over workers of the two scalars
+that decide the control flow (approx KL and "was my loss finite"), so every worker takes the same
+branch at every minibatch. The callables come from :mod:`cliprail.distributed`; this module stays
+free of any process-group code.
 """
 
 from __future__ import annotations
@@ -16,6 +22,26 @@ import torch
 from torch import Tensor
 
 from cliprail.ppo.losses import Stats
+
+
+@dataclass(frozen=True)
+class UpdateSync:
+    """How :func:`ppo_update` keeps data-parallel workers in lockstep (None: one worker).
+
+    Each worker calls :func:`ppo_update` with its own shard of the batch, the same
+    ``minibatch_size`` (per worker) and ``epochs``; both hooks are collectives, so every worker
+    must reach them in the same order, which the agreed decisions below guarantee.
+    """
+
+    average_gradients: Callable[[list[Tensor]], None]
+    """Replace each gradient tensor by its mean over the workers, in place (DDP's all-reduce).
+    Called after ``backward`` and before the global-norm clip, so the clip, the finiteness check
+    and the optimizer step see the same gradient on every worker."""
+    mean: Callable[[Tensor], Tensor]
+    """The mean over the workers of a small 1-D float tensor; the same values on every worker.
+    Used once per minibatch for ``[approx_kl, loss_not_finite]``: the early stop reads the
+    global minibatch's approx KL (equal shards: the mean of the shard means), and one worker's
+    non-finite loss makes every worker skip the minibatch."""
 
 
 class NonFiniteError(RuntimeError):
@@ -89,6 +115,7 @@ def ppo_update(
     target_kl: float | None = None,
     generator: torch.Generator | None = None,
     max_nonfinite_in_row: int = 10,
+    sync: UpdateSync | None = None,
 ) -> UpdateResult:
     """Run ``epochs`` passes of shuffled minibatch updates over ``batch``.
 
@@ -113,6 +140,11 @@ def ppo_update(
         max_nonfinite_in_row: raise :class:`NonFiniteError` after this many consecutive
             minibatches with a non-finite loss or gradient norm; such minibatches are skipped and
             never reach the weights.
+        sync: data-parallel hooks (:class:`UpdateSync`); None, the default, is one worker and
+            exactly the behaviour without it. With it, ``batch`` is this worker's shard, the
+            gradients are averaged over workers before clipping, and the early stop and the
+            non-finite skip are decided on values agreed by all workers. ``stats`` stay local
+            (the caller averages them over workers for logging).
 
     Returns:
         An :class:`UpdateResult`.
@@ -129,13 +161,19 @@ def ppo_update(
         for start in range(0, batch_size, minibatch_size):
             minibatch = {k: v[start : start + minibatch_size] for k, v in shuffled.items()}
             loss, stats = loss_fn(minibatch)
-            if target_kl is not None and float(stats.get("approx_kl", 0.0)) > target_kl:
+            finite = bool(torch.isfinite(loss))
+            if sync is None:
+                approx_kl = float(stats.get("approx_kl", 0.0))
+            else:  # one collective: the global approx KL and "any worker non-finite"
+                approx_kl, finite = _agree(sync, stats, finite)
+            if target_kl is not None and approx_kl > target_kl:
                 result.early_stopped = True
                 break
             zero_grads(params)
-            finite = bool(torch.isfinite(loss))
             if finite:
                 loss.backward()
+                if sync is not None:
+                    sync.average_gradients([p.grad for p in params if p.grad is not None])
                 grad_norm = clip_grad_norm(params, max_grad_norm)
                 finite = bool(torch.isfinite(grad_norm))
             if not finite:
@@ -163,6 +201,14 @@ def ppo_update(
         means = torch.stack([torch.stack(logged[k]).float().mean().cpu() for k in names])
         result.stats = dict(zip(names, means.tolist(), strict=True))
     return result
+
+
+def _agree(sync: UpdateSync, stats: Stats, finite: bool) -> tuple[float, bool]:
+    """``(approx KL of the global minibatch, every worker's loss finite)``, the same on all
+    workers. A NaN approx KL (a non-finite worker) never triggers the early stop; the skip does."""
+    local = torch.tensor([float(stats.get("approx_kl", 0.0)), 0.0 if finite else 1.0])
+    agreed = sync.mean(local).tolist()
+    return agreed[0], agreed[1] == 0.0
 
 
 def zero_grads(params: list[Tensor]) -> None:

@@ -27,10 +27,11 @@ class RLConfig:
     """Hyperparameter preset applied before the other flags: classic (CartPole-like tasks,
     RL-Zoo's tuned values), mujoco (PPO paper Table 3), atari (PPO paper Table 5), none."""
     total_steps: int = 100_000
-    """Environment steps to train for, summed over all parallel envs (rounded up to whole
-    rollouts)."""
+    """Environment steps to train for, summed over all parallel envs and, under torchrun, over
+    all processes (rounded up to whole rollouts)."""
     seed: int = 1
-    """Seed of every RNG: torch, numpy, python, the envs, the minibatch shuffles."""
+    """Seed of every RNG: torch, numpy, python, the envs, the minibatch shuffles (under
+    torchrun, rank r uses seed + r; the parameters start from rank 0's)."""
     run_dir: Path | None = None
     """Run folder for config.json, metrics.jsonl, TensorBoard events and checkpoints.
     Default: runs/<env>__<preset>__s<seed>."""
@@ -39,7 +40,8 @@ class RLConfig:
 
     # --- Rollouts ---------------------------------------------------------------------------
     num_envs: int = 8
-    """Parallel environments stepped together (a Gymnasium vector env)."""
+    """Parallel environments stepped together (a Gymnasium vector env); under torchrun, per
+    process: the global batch is world_size x num_envs x num_steps."""
     vector: Literal["sync", "async"] = "sync"
     """sync steps the envs in this process; async runs one subprocess per env."""
     num_steps: int = 32
@@ -53,7 +55,8 @@ class RLConfig:
     epochs: int = 20
     """Passes over each rollout batch (paper's K)."""
     minibatch_size: int = 256
-    """Samples per optimizer step; must divide num_envs x num_steps."""
+    """Samples per optimizer step; must divide num_envs x num_steps. Under torchrun, per
+    process: each step averages the gradients of world_size x minibatch_size samples."""
     learning_rate: float = 1e-3
     """Adam learning rate (the start value when annealed)."""
     anneal_lr: bool = True
@@ -187,20 +190,33 @@ def preset_config(name: str, **overrides: Any) -> RLConfig:
 
 @dataclass(frozen=True)
 class Derived:
-    """Sizes that follow from a config."""
+    """Sizes that follow from a config (and the number of data-parallel processes)."""
 
     batch_size: int
+    """Env steps per rollout of one process: num_envs x num_steps."""
     num_minibatches: int
+    """Optimizer steps per epoch (the same on every process)."""
     num_updates: int
+    """Updates to reach total_steps, counting every process's env steps."""
+    world_size: int = 1
+    """Processes (torchrun ranks) that each collect ``batch_size`` steps per update."""
+
+    @property
+    def global_batch_size(self) -> int:
+        """Env steps per update over all processes: world_size x num_envs x num_steps."""
+        return self.world_size * self.batch_size
 
 
-def derived(cfg: RLConfig) -> Derived:
-    """Batch size, minibatches per epoch and number of updates of ``cfg``."""
+def derived(cfg: RLConfig, world_size: int = 1) -> Derived:
+    """Batch size, minibatches per epoch and number of updates of ``cfg`` run on
+    ``world_size`` data-parallel processes (``num_envs`` and ``minibatch_size`` are per
+    process; ``total_steps`` counts all of them)."""
     batch = cfg.num_envs * cfg.num_steps
     return Derived(
         batch_size=batch,
         num_minibatches=batch // cfg.minibatch_size,
-        num_updates=max(1, math.ceil(cfg.total_steps / batch)),
+        num_updates=max(1, math.ceil(cfg.total_steps / (batch * world_size))),
+        world_size=world_size,
     )
 
 

@@ -1,10 +1,13 @@
 """Running statistics for observation normalisation and reward scaling.
 
 The statistics live in the trainer, not inside env wrappers, so they are saved with checkpoints,
-restored at evaluation and (later) merged across distributed ranks with one formula.
+restored at evaluation and merged across distributed ranks with one formula
+(:class:`SyncedRunningMeanStd`).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 
@@ -50,11 +53,57 @@ class RunningMeanStd:
         self.count = float(state["count"])
 
 
-class ObsNormalizer:
-    """``clip((obs - mean) / sqrt(var + eps), -clip, clip)`` with running statistics."""
+class SyncedRunningMeanStd(RunningMeanStd):
+    """Running statistics shared by data-parallel ranks.
 
-    def __init__(self, shape: tuple[int, ...], clip: float, eps: float = 1e-8) -> None:
-        self.rms = RunningMeanStd(shape)
+    Between syncs each rank folds its own samples into the statistics it normalises with (as a
+    single process does) and, separately, into ``pending``: the moments of this rank's samples
+    since the last sync. :meth:`sync` (a collective: every rank calls it, once per rollout)
+    restarts from the statistics agreed at the last sync and merges every rank's ``pending``
+    into them in rank order with :meth:`RunningMeanStd.merge`, so afterwards all ranks hold the
+    same statistics, bitwise, equal (to float rounding) to one stream over all ranks' samples.
+    The prior count is counted once, not once per rank.
+    """
+
+    def __init__(self, shape: tuple[int, ...] = (), epsilon: float = 1e-4) -> None:
+        super().__init__(shape, epsilon)
+        self.pending = RunningMeanStd(shape, epsilon=0.0)
+        self._agreed = {k: np.copy(v) for k, v in self.state().items()}
+
+    def update(self, x: np.ndarray) -> None:
+        super().update(x)
+        self.pending.update(x)
+
+    def sync(self, gather: Callable[[np.ndarray], list[np.ndarray]]) -> None:
+        """Merge every rank's pending moments; ``gather`` maps this rank's float64 vector to
+        all ranks' vectors in rank order (:meth:`cliprail.distributed.Distributed.gather_arrays`).
+        """
+        size = self.mean.size
+        packed = np.concatenate(
+            [self.pending.mean.ravel(), self.pending.var.ravel(), [self.pending.count]]
+        )
+        self.load(self._agreed)
+        for part in gather(packed):
+            count = float(part[-1])
+            if count > 0:
+                shape = self.mean.shape
+                self.merge(part[:size].reshape(shape), part[size : 2 * size].reshape(shape), count)
+        self._agreed = {k: np.copy(v) for k, v in self.state().items()}
+
+    def load(self, state: dict[str, np.ndarray]) -> None:
+        super().load(state)
+        self.pending = RunningMeanStd(self.mean.shape, epsilon=0.0)
+        self._agreed = {k: np.copy(v) for k, v in self.state().items()}
+
+
+class ObsNormalizer:
+    """``clip((obs - mean) / sqrt(var + eps), -clip, clip)`` with running statistics
+    (:class:`SyncedRunningMeanStd` when ``synced``: data-parallel ranks merge them)."""
+
+    def __init__(
+        self, shape: tuple[int, ...], clip: float, eps: float = 1e-8, synced: bool = False
+    ) -> None:
+        self.rms = SyncedRunningMeanStd(shape) if synced else RunningMeanStd(shape)
         self.clip, self.eps = clip, eps
 
     def __call__(self, obs: np.ndarray, update: bool = True) -> np.ndarray:
@@ -67,10 +116,13 @@ class ObsNormalizer:
 
 class RewardScaler:
     """Divide rewards by the running std of the discounted return (not shifted by its mean), then
-    clip; the return resets at each episode end (baselines' VecNormalize, Huang et al. 2022)."""
+    clip; the return resets at each episode end (baselines' VecNormalize, Huang et al. 2022).
+    With ``synced`` the return statistics are merged across ranks; ``returns`` stays per rank."""
 
-    def __init__(self, num_envs: int, gamma: float, clip: float, eps: float = 1e-8) -> None:
-        self.rms = RunningMeanStd(())
+    def __init__(
+        self, num_envs: int, gamma: float, clip: float, eps: float = 1e-8, synced: bool = False
+    ) -> None:
+        self.rms = SyncedRunningMeanStd(()) if synced else RunningMeanStd(())
         self.returns = np.zeros(num_envs, np.float64)
         self.gamma, self.clip, self.eps = gamma, clip, eps
 

@@ -3,6 +3,11 @@
 It composes the pure maths of :mod:`cliprail.ppo`; nothing here re-derives a loss. Reading order:
 ``RLTrainer.__init__`` (build), ``collect`` (one rollout), ``update`` (one PPO update), ``train``
 (the loop), then :func:`evaluate`.
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1) every rank runs this same loop on its own envs and seed
+(``seed + rank``); :mod:`cliprail.distributed` supplies what they must agree on (gradients,
+early stop and skips, whitening, normalisation statistics, logged metrics), and rank 0 alone
+writes the run folder. With one process ``self.dist`` is None and none of that code runs.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -28,6 +33,7 @@ from cliprail.checkpoint import (
     save_checkpoint,
 )
 from cliprail.configio import config_to_dict, load_config_json
+from cliprail.distributed import Distributed
 from cliprail.errors import CheckpointError, ConfigError, RunDirError
 from cliprail.monitor import MetricsLogger, Progress
 from cliprail.ppo import (
@@ -49,11 +55,13 @@ from cliprail.ppo import (
 from cliprail.rl.agent import ActorCritic, NumpyPolicy
 from cliprail.rl.config import RLConfig, derived, validate
 from cliprail.rl.envs import EnvActions, SpaceSpec, make_vector_env, space_spec
-from cliprail.rl.normalize import ObsNormalizer, RewardScaler
+from cliprail.rl.normalize import ObsNormalizer, RewardScaler, SyncedRunningMeanStd
+
+EVAL_CHUNK = 1024  # rows per batched no-grad pass over a rollout
+ENV_SEED_STRIDE = 1_000_003  # env reset seeds: seed + rank * num_envs + stride * update index
+R = TypeVar("R")
 
 # Fields that may differ between the original command and its --resume.
-EVAL_CHUNK = 1024  # rows per batched no-grad pass over a rollout
-
 RESUMABLE_OVERRIDES = {
     "total_steps",
     "resume",
@@ -97,13 +105,17 @@ class RLTrainer:
     def __init__(self, cfg: RLConfig) -> None:
         validate(cfg)
         self.cfg = cfg
-        self.sizes = derived(cfg)
+        # Launched by torchrun: join the process group (gloo on CPU, NCCL on CUDA); else None.
+        self.dist = Distributed.from_env(cfg.device)
+        self.rank = self.dist.rank if self.dist is not None else 0
+        self.world_size = self.dist.world_size if self.dist is not None else 1
+        self.sizes = derived(cfg, self.world_size)
         self.run_dir = cfg.run_dir if cfg.run_dir is not None else default_run_dir(cfg)
-        self._check_run_dir()
+        self._on_main(self._check_run_dir)
         if cfg.torch_threads > 0:
             torch.set_num_threads(cfg.torch_threads)
-        seed_everything(cfg.seed)
-        self.device = torch.device(cfg.device)
+        seed_everything(cfg.seed + self.rank)
+        self.device = self.dist.device if self.dist is not None else torch.device(cfg.device)
         self.envs = make_vector_env(cfg)
         self.spec: SpaceSpec = space_spec(
             self.envs.single_observation_space, self.envs.single_action_space, cfg.env_id
@@ -111,14 +123,21 @@ class RLTrainer:
         self.agent = ActorCritic(self.spec, cfg).to(self.device)
         # One flat buffer for all parameters: Adam, grad clip and zeroing become one op each.
         self.flat_params = flatten_parameters(self.agent)
+        if self.dist is not None:  # every rank starts from rank 0's parameters
+            self.dist.broadcast_([self.flat_params.data, *self.agent.buffers()])
         self.optimizer = make_adam([self.flat_params], cfg.learning_rate, cfg.adam_eps)
-        self.shuffle_rng = torch.Generator().manual_seed(cfg.seed)
-        self.np_rng = np.random.default_rng(cfg.seed)  # the NumPy acting path's samples
+        self.shuffle_rng = torch.Generator().manual_seed(cfg.seed + self.rank)
+        self.np_rng = np.random.default_rng(cfg.seed + self.rank)  # the NumPy acting samples
+        synced = self.dist is not None  # statistics merged across ranks after each rollout
         self.obs_norm = (
-            ObsNormalizer(self.spec.obs_shape, cfg.clip_obs) if cfg.normalize_obs else None
+            ObsNormalizer(self.spec.obs_shape, cfg.clip_obs, synced=synced)
+            if cfg.normalize_obs
+            else None
         )
         self.reward_scaler = (
-            RewardScaler(cfg.num_envs, cfg.gamma, cfg.clip_reward) if cfg.normalize_reward else None
+            RewardScaler(cfg.num_envs, cfg.gamma, cfg.clip_reward, synced=synced)
+            if cfg.normalize_reward
+            else None
         )
         self.kl_ctl: FixedKLController | AdaptiveKLController | None = None
         if cfg.objective == "kl_fixed":
@@ -133,6 +152,16 @@ class RLTrainer:
         self._env_actions = EnvActions(self.spec)
 
     # --- setup -------------------------------------------------------------------------------
+    @property
+    def is_main(self) -> bool:
+        """True on rank 0, the only process that writes the run folder (and with one process)."""
+        return self.rank == 0
+
+    def _on_main(self, fn: Callable[[], R]) -> R:
+        """``fn()`` on rank 0 alone, its result (or its :class:`CliprailError`) on every rank:
+        only rank 0 reads or writes the run folder, so no shared filesystem is needed."""
+        return fn() if self.dist is None else self.dist.from_main(fn)
+
     def _check_run_dir(self) -> None:
         cfg_path = self.run_dir / "config.json"
         if self.cfg.resume:
@@ -216,8 +245,13 @@ class RLTrainer:
                     final = np.stack([info["final_obs"][i] for i in cut])
                     finals.append((t, cut, self._normalize(final, update_stats=False)))
             obs_n = self._normalize(obs, update_stats=True)
-        self.global_step += self.sizes.batch_size
-        return self._finish_rollout(obs_n, finals), obs, episodes
+        self.global_step += self.sizes.global_batch_size  # every rank's env steps
+        rollout = self._finish_rollout(obs_n, finals)
+        if self.dist is not None:  # all ranks normalise the next rollout with the same stats
+            for norm in (self.obs_norm, self.reward_scaler):
+                if norm is not None and isinstance(norm.rms, SyncedRunningMeanStd):
+                    norm.rms.sync(self.dist.gather_arrays)
+        return rollout, obs, episodes
 
     def _finish_rollout(
         self, last_obs: np.ndarray, finals: list[tuple[int, np.ndarray, np.ndarray]]
@@ -285,12 +319,15 @@ class RLTrainer:
             "returns": returns.reshape(-1),
         }
         objective = self._objective(clip)
+        # Whiten over the global minibatch: this rank's rows and the other ranks' rows of the
+        # same step (with one process, masked_whiten itself).
+        whiten = masked_whiten if self.dist is None else self.dist.whiten
 
         def loss_fn(mb: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
             logprobs, entropy, values = self.agent.evaluate(mb["obs"], mb["actions"])
             adv = mb["advantages"]
             if cfg.normalize_advantages:
-                adv = masked_whiten(adv)
+                adv = whiten(adv)
             pg_loss, stats = objective(logprobs, mb["logprobs"], adv)
             v_loss, v_stats = value_loss(
                 values, mb["values"], mb["returns"], clip_range=cfg.clip_range_vf
@@ -311,10 +348,16 @@ class RLTrainer:
             loss_fn, self.optimizer, [self.flat_params], batch,
             minibatch_size=cfg.minibatch_size, epochs=cfg.epochs,
             max_grad_norm=cfg.max_grad_norm, target_kl=cfg.target_kl, generator=self.shuffle_rng,
+            sync=self.dist.update_sync() if self.dist is not None else None,
         )  # fmt: skip
         stats = dict(result.stats)
+        if self.dist is None:
+            ev = float(explained_variance(batch["values"], batch["returns"]))
+        else:  # means (extremes for *_min / *_max) over ranks; the counters below are agreed
+            stats = self.dist.reduce_stats(stats)
+            ev = self.dist.explained_variance(batch["values"], batch["returns"])
         stats.update(
-            explained_variance=float(explained_variance(batch["values"], batch["returns"])),
+            explained_variance=ev,
             epochs_completed=result.epochs_completed,
             optimizer_steps=result.optimizer_steps,
             early_stopped=int(result.early_stopped),
@@ -329,20 +372,29 @@ class RLTrainer:
         """Train to ``total_steps``; returns the last logged metrics."""
         cfg, sizes = self.cfg, self.sizes
         resume_step = None
-        if cfg.resume:
-            self.load(latest_checkpoint(self.run_dir / "checkpoints"))
+        if cfg.resume:  # rank 0 reads the checkpoint; every rank restores from it
+            path, ckpt = self._on_main(lambda: _read_latest(self.run_dir / "checkpoints"))
+            self._restore(path, *ckpt)
             resume_step = self.global_step
-        else:
+        elif self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self.run_dir / "config.json", config_to_dict(cfg))
-        # On resume the envs restart from fresh episodes, seeded from the update index.
-        obs, _ = self.envs.reset(seed=cfg.seed + 1_000_003 * self.update_idx)
-        total = sizes.num_updates * sizes.batch_size
-        bar = Progress(total, cfg.env_id, enabled=cfg.progress, completed=self.global_step)
+        if self.is_main:
+            atomic_write_json(self.run_dir / "config.json", config_to_dict(cfg))
+        # On resume the envs restart from fresh episodes, seeded from the update index; rank r's
+        # env i gets seed + r * num_envs + i, as env r * num_envs + i of one process would.
+        obs, _ = self.envs.reset(
+            seed=cfg.seed + self.rank * cfg.num_envs + ENV_SEED_STRIDE * self.update_idx
+        )
+        total = sizes.num_updates * sizes.global_batch_size
+        bar = Progress(
+            total, cfg.env_id, enabled=cfg.progress and self.is_main, completed=self.global_step
+        )
         last: dict[str, float] = {}
         t0, step0 = time.perf_counter(), self.global_step
         try:
-            with MetricsLogger(self.run_dir, cfg.tensorboard, resume_step) as logger:
+            with MetricsLogger(
+                self.run_dir, cfg.tensorboard, resume_step, enabled=self.is_main
+            ) as logger:
                 while self.update_idx < sizes.num_updates:
                     frac = self.update_idx / sizes.num_updates
                     lr = (
@@ -357,6 +409,8 @@ class RLTrainer:
                     rollout, obs, episodes = self.collect(obs)
                     stats = self.update(rollout, max(clip, 1e-8))
                     self.update_idx += 1
+                    if self.dist is not None:  # every rank's finished episodes, rank order
+                        episodes = [e for part in self.dist.gather_objects(episodes) for e in part]
                     for ret, length in episodes:
                         self.recent_returns.append(ret)
                         self.recent_lengths.append(length)
@@ -384,15 +438,42 @@ class RLTrainer:
         finally:
             bar.close()
             self.envs.close()
+            if self.dist is not None:
+                self.dist.close()  # the process group, if this trainer created it
         return last
 
     # --- checkpoints -------------------------------------------------------------------------
-    def save(self) -> Path:
-        """Checkpoint everything the next update depends on (envs restart on resume)."""
-        tensors: dict[str, dict[str, Tensor]] = {
-            "model": dict(self.agent.state_dict()),
-            "rng": {"torch": torch.get_rng_state(), "shuffle": self.shuffle_rng.get_state()},
+    def _rank_state(self) -> dict[str, Any]:
+        """This rank's RNGs and env-side state: what differs between ranks."""
+        np_state: Any = np.random.get_state()
+        return {
+            "torch": torch.get_rng_state(),
+            "shuffle": self.shuffle_rng.get_state(),
+            "reward_returns": (
+                self.reward_scaler.returns.copy() if self.reward_scaler is not None else None
+            ),
+            "python_rng": _py_rng_to_json(random.getstate()),
+            "numpy_rng": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+            "acting_rng": self.np_rng.bit_generator.state,
         }
+
+    def save(self) -> Path | None:
+        """Checkpoint everything the next update depends on (envs restart on resume).
+
+        A collective under torchrun: every rank hands its RNG states to rank 0, which alone
+        writes (rank 0's under the single-process names, rank r's under ``.rank{r}`` names and
+        ``state["ranks"]``); returns the folder on rank 0, None elsewhere.
+        """
+        ranks = [self._rank_state()]
+        if self.dist is not None:
+            ranks = self.dist.gather_objects(ranks[0])
+            if not self.dist.all_same(self.flat_params.data):  # cheap guard, once per save
+                raise RuntimeError("the ranks' parameters differ: data-parallel state diverged")
+        if not self.is_main:
+            return None
+        own = ranks[0]
+        rng = {"torch": own["torch"], "shuffle": own["shuffle"]}
+        tensors: dict[str, dict[str, Tensor]] = {"model": dict(self.agent.state_dict()), "rng": rng}
         norm: dict[str, Tensor] = {}
         if self.obs_norm is not None:
             norm.update(
@@ -408,20 +489,28 @@ class RLTrainer:
                     for k, v in self.reward_scaler.rms.state().items()
                 }
             )
-            norm["reward.returns"] = torch.from_numpy(self.reward_scaler.returns.copy())
+            norm["reward.returns"] = torch.from_numpy(own["reward_returns"])
+        per_rank: dict[str, Any] = {}
+        for r, rs in enumerate(ranks[1:], start=1):
+            rng[f"torch.rank{r}"], rng[f"shuffle.rank{r}"] = rs["torch"], rs["shuffle"]
+            if rs["reward_returns"] is not None:
+                norm[f"reward.returns.rank{r}"] = torch.from_numpy(rs["reward_returns"])
+            per_rank[str(r)] = {k: rs[k] for k in ("python_rng", "numpy_rng", "acting_rng")}
         if norm:
             tensors["normalizer"] = norm
-        np_state: Any = np.random.get_state()
         state = {
             "global_step": self.global_step,
             "update": self.update_idx,
+            "world_size": self.world_size,
             "recent_returns": list(self.recent_returns),
             "recent_lengths": list(self.recent_lengths),
             "kl_controller": self.kl_ctl.state_dict() if self.kl_ctl else None,
-            "python_rng": _py_rng_to_json(random.getstate()),
-            "numpy_rng": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-            "acting_rng": self.np_rng.bit_generator.state,
+            "python_rng": own["python_rng"],
+            "numpy_rng": own["numpy_rng"],
+            "acting_rng": own["acting_rng"],
         }
+        if per_rank:
+            state["ranks"] = per_rank
         return save_checkpoint(
             self.run_dir / "checkpoints", f"update_{self.update_idx:07d}", tensors, state,
             self.optimizer.state_dict(),
@@ -429,31 +518,65 @@ class RLTrainer:
 
     def load(self, path: Path) -> None:
         """Restore the state saved by :meth:`save` from checkpoint folder ``path``."""
-        tensors, state, opt_state = load_checkpoint(path)
+        self._restore(path, *load_checkpoint(path))
+
+    def _restore(
+        self, path: Path, tensors: dict[str, dict[str, Tensor]], state: dict[str, Any], opt: Any
+    ) -> None:
+        saved_world = int(state.get("world_size", 1))
+        if saved_world != self.world_size:
+            how = (
+                f"torchrun with {saved_world} processes in all "
+                f"(e.g. --nproc_per_node={saved_world})"
+                if saved_world > 1
+                else "one process, without torchrun"
+            )
+            raise ConfigError(
+                f"{path}: written by {_processes(saved_world)}, this run has "
+                f"{_processes(self.world_size)}; each rank's RNG and env state is saved per rank, "
+                f"so resume with the same world size: {how}"
+            )
         try:
             self.agent.load_state_dict(tensors["model"])
-            if opt_state is not None:
-                self.optimizer.load_state_dict(opt_state)
+            if opt is not None:
+                self.optimizer.load_state_dict(opt)
         except (KeyError, RuntimeError, ValueError) as exc:
             raise CheckpointError(f"{path}: does not fit this config's networks ({exc})") from None
-        load_normalizers(tensors.get("normalizer", {}), self.obs_norm, self.reward_scaler)
+        norm = tensors.get("normalizer", {})
+        load_normalizers(norm, self.obs_norm, self.reward_scaler)
+        sfx = f".rank{self.rank}" if self.rank else ""  # rank 0 keeps the single-process names
+        if self.reward_scaler is not None and sfx:
+            self.reward_scaler.returns = norm[f"reward.returns{sfx}"].numpy().copy()
         rng = tensors.get("rng", {})
-        if "torch" in rng:
-            torch.set_rng_state(rng["torch"])
-        if "shuffle" in rng:
-            self.shuffle_rng.set_state(rng["shuffle"])
+        if f"torch{sfx}" in rng:
+            torch.set_rng_state(rng[f"torch{sfx}"])
+        if f"shuffle{sfx}" in rng:
+            self.shuffle_rng.set_state(rng[f"shuffle{sfx}"])
         self.global_step, self.update_idx = int(state["global_step"]), int(state["update"])
         self.recent_returns.extend(state.get("recent_returns", []))
         self.recent_lengths.extend(state.get("recent_lengths", []))
         if self.kl_ctl is not None and state.get("kl_controller"):
             self.kl_ctl.load_state_dict(state["kl_controller"])
-        if state.get("python_rng"):
-            random.setstate(_py_rng_from_json(state["python_rng"]))
-        if state.get("acting_rng"):
-            self.np_rng.bit_generator.state = state["acting_rng"]
-        if state.get("numpy_rng"):
-            s = state["numpy_rng"]
+        own = state["ranks"][str(self.rank)] if self.rank else state
+        if own.get("python_rng"):
+            random.setstate(_py_rng_from_json(own["python_rng"]))
+        if own.get("acting_rng"):
+            self.np_rng.bit_generator.state = own["acting_rng"]
+        if own.get("numpy_rng"):
+            s = own["numpy_rng"]
             np.random.set_state((s[0], np.asarray(s[1], dtype=np.uint32), *s[2:]))
+
+
+def _processes(n: int) -> str:
+    return f"{n} process" if n == 1 else f"{n} processes"
+
+
+def _read_latest(
+    ckpt_root: Path,
+) -> tuple[Path, tuple[dict[str, dict[str, Tensor]], dict[str, Any], Any]]:
+    """The newest valid checkpoint under ``ckpt_root`` and its contents."""
+    path = latest_checkpoint(ckpt_root)
+    return path, load_checkpoint(path)
 
 
 def make_adam(params: Any, lr: float, eps: float) -> torch.optim.Optimizer:
