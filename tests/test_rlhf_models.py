@@ -54,7 +54,7 @@ def test_save_and_load_from_local_folder(lm, tmp_path):
     loaded = load_causal_lm(tmp_path)
     x = torch.tensor([[1, 2, 3]])
     torch.testing.assert_close(loaded(x).logits, lm(x).logits)
-    with pytest.raises(CheckpointError, match="cannot load a causal LM"):
+    with pytest.raises(CheckpointError, match="missing: model folder not found"):
         load_causal_lm(tmp_path / "missing")
 
 
@@ -120,5 +120,8 @@ def test_scalar_head_save_load_and_score(lm, tmp_path, tok):
     again = ScalarHeadModel.load(tmp_path / "rm")
     torch.testing.assert_close(again.score(batch.input_ids, batch.attention_mask), scores)
     assert again.meta(tmp_path / "rm") == {"bias": 0.5}
-    with pytest.raises(CheckpointError, match="not a reward or value model"):
+    with pytest.raises(CheckpointError, match="not a model folder"):
         ScalarHeadModel.load(tmp_path)
+    rm.trunk.save_pretrained(tmp_path / "trunk-only")  # a model, but no scalar head
+    with pytest.raises(CheckpointError, match="not a reward or value model"):
+        ScalarHeadModel.load(tmp_path / "trunk-only")
