@@ -71,10 +71,10 @@ batch as it is drawn (every epoch), TRL once up front with ``datasets.map``; TRL
 per-step metrics (entropy, token accuracy, logit means) from the full logits and hashes the model's
 weights to key its reference-log-prob cache (a fresh random key for an in-memory dataset, so no
 repeat reuses another's reference log-probs); cliprail also computes the reference log-probs of the
-held-out pairs inside its span, and its log-prob helper (``response_logprobs``) takes a full
-log-softmax and the per-token entropy of the response positions where TRL takes a gather and a
-logsumexp (on this world cliprail's reference pass over the training pairs was ~30% slower than
-TRL's: ~20% from that, ~6% from wider batches). The pair order (TRL's shuffled DataLoader vs
+held-out pairs inside its span, and its log-prob helper takes a full log-softmax where TRL takes a
+gather and a logsumexp (measured before cliprail stopped computing an unused per-token entropy
+there: its reference pass over the training pairs was ~30% slower than TRL's, ~20% from the
+entropy, ~6% from wider batches). The pair order (TRL's shuffled DataLoader vs
 cliprail's seeded permutation) and so the random streams differ: accuracy and loss are comparable in
 level, not bit for bit. Run it on idle cores: with other processes on the two cores, TRL slowed down
 far more than cliprail (its reference pass took ~20x its idle time, cliprail's ~3x; plausibly its
@@ -239,7 +239,7 @@ def build_setup(out: Path, args: argparse.Namespace) -> Setup:
     )
     ref = load_causal_lm(sft).eval()
     cfg = cliprail_config(sft, data["preferences"], args, out / "unused")
-    ref_held = dpo_module._reference_logps(ref, tok, held, cfg, Cost("bench"))
+    ref_held = dpo_module.pair_logps(ref, tok, held, cfg, Cost("bench"))
     return Setup(data["preferences"], sft, train, held, ref_held)
 
 
@@ -257,16 +257,19 @@ class Result:
 @contextlib.contextmanager
 def cliprail_clock() -> Iterator[dict[str, float]]:
     """Timestamps of ``train_dpo``'s phases, from wrappers around three functions it calls:
-    ``_reference_logps`` (summed), ``adamw`` (built right before the first step) and
-    ``implicit_accuracy`` (first called right after the last step). Restored on exit."""
-    names = ("_reference_logps", "adamw", "implicit_accuracy")
+    ``pair_logps`` (summed over the reference passes: the calls that count a cost), ``adamw``
+    (built right before the first step) and ``implicit_accuracy`` (first called right after the
+    last step). Restored on exit."""
+    names = ("pair_logps", "adamw", "implicit_accuracy")
     orig = {n: getattr(dpo_module, n) for n in names}
     marks: dict[str, float] = {"ref": 0.0}
 
     def ref_logps(*a: Any, **k: Any) -> Any:
+        if "loop_start" in marks:  # after training: the accuracy's policy passes
+            return orig["pair_logps"](*a, **k)
         t = time.perf_counter()
         try:
-            return orig["_reference_logps"](*a, **k)
+            return orig["pair_logps"](*a, **k)
         finally:
             marks["ref"] += time.perf_counter() - t
 

@@ -32,7 +32,7 @@ from cliprail.rlhf.models import (
     check_vocab,
     load_causal_lm,
     load_tokenizer,
-    response_logprobs,
+    token_logprobs,
 )
 from cliprail.rlhf.sampling import Sampling, evaluate_policy, load_requests
 
@@ -92,7 +92,7 @@ class DPOConfig:
 
 def sequence_logps(model: torch.nn.Module, b: Batch, average: bool = False) -> torch.Tensor:
     """``(B,)`` log-probability of each response (sum over its tokens, or mean if ``average``)."""
-    logprobs, _ = response_logprobs(model, b.input_ids, b.attention_mask, b.query_len)
+    logprobs = token_logprobs(model, b.input_ids, b.attention_mask, b.query_len)
     if average:
         return masked_mean(logprobs, b.response_mask, dim=1)
     return masked_sum(logprobs, b.response_mask, dim=1)
@@ -107,31 +107,25 @@ def _encode(tok: Any, pairs: list[dict[str, Any]], cfg: DPOConfig) -> Batch:
 
 
 @torch.no_grad()
-def _reference_logps(ref: torch.nn.Module, tok: Any, pairs: list[dict[str, Any]], cfg: DPOConfig,
-                     cost: Cost, chunk: int = 64) -> torch.Tensor:  # fmt: skip
-    """``(N, 2)`` reference log-probs of (chosen, rejected) of every pair."""
-    out = []
+def pair_logps(model: torch.nn.Module, tok: Any, pairs: list[dict[str, Any]], cfg: DPOConfig,
+               cost: Cost | None = None, chunk: int = 64) -> torch.Tensor:  # fmt: skip
+    """``(N, 2)`` log-probs of (chosen, rejected) of every pair, in chunks, without gradients."""
+    out = [torch.zeros(0, 2)]
     for i in range(0, len(pairs), chunk):
         b = _encode(tok, pairs[i : i + chunk], cfg)
-        cost.add(forward=b.input_ids.numel())
-        lp = sequence_logps(ref, b, average=cfg.loss_type == "ipo")
-        out.append(lp.view(2, -1).T)
+        if cost is not None:
+            cost.add(forward=b.input_ids.numel())
+        out.append(sequence_logps(model, b, average=cfg.loss_type == "ipo").view(2, -1).T)
     return torch.cat(out)
 
 
-@torch.no_grad()
 def implicit_accuracy(policy: torch.nn.Module, tok: Any, pairs: list[dict[str, Any]],
                       ref_logps: torch.Tensor, cfg: DPOConfig) -> float:  # fmt: skip
     """Share of pairs whose implicit reward ``beta * (log pi - log ref)`` ranks chosen first."""
     if not pairs:
         return 0.0
-    right = 0.0
-    for i in range(0, len(pairs), 64):
-        b = _encode(tok, pairs[i : i + 64], cfg)
-        lp = sequence_logps(policy, b, average=cfg.loss_type == "ipo").view(2, -1).T  # (n, 2)
-        margin = (lp - ref_logps[i : i + 64]) @ torch.tensor([1.0, -1.0])
-        right += float((margin > 0).sum())
-    return right / len(pairs)
+    logratio = pair_logps(policy, tok, pairs, cfg) - ref_logps  # (N, 2)
+    return float((logratio[:, 0] > logratio[:, 1]).float().mean())
 
 
 def train_dpo(cfg: DPOConfig) -> dict[str, Any]:
@@ -155,8 +149,8 @@ def train_dpo(cfg: DPOConfig) -> dict[str, Any]:
         reward = ScalarHeadModel.load(cfg.reward_model, cfg.trust_remote_code).eval()
         shift = float(reward.meta(cfg.reward_model).get("shift", 0.0))
     cost = Cost("dpo")
-    ref_train = _reference_logps(ref, tok, train, cfg, cost)
-    ref_held = _reference_logps(ref, tok, held, cfg, cost)
+    ref_train = pair_logps(ref, tok, train, cfg, cost)
+    ref_held = pair_logps(ref, tok, held, cfg, cost)
     opt = adamw(policy.parameters(), cfg.learning_rate)
     steps_per_epoch = -(-len(train) // cfg.batch_size)
     total = cfg.epochs * steps_per_epoch

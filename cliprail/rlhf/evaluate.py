@@ -13,6 +13,7 @@ from cliprail.configio import load_config_json
 from cliprail.errors import RunDirError
 from cliprail.rlhf.models import load_causal_lm
 from cliprail.rlhf.ppo import PPOConfig, evaluate_policy, load_models, load_requests
+from cliprail.rlhf.sampling import win_rate
 
 COLUMNS = ["gold", "scheduling", "safety", "honesty", "helpfulness", "concision",
            "unsafe_advice_rate", "missed_emergency_rate", "wrong_or_invented_slot_rate",
@@ -52,9 +53,8 @@ def compare(cfg: EvalConfig) -> dict[str, Any]:
     policy = load_causal_lm(path, ppo_cfg.trust_remote_code).eval()
     sft = evaluate_policy(models, ppo_cfg, requests, policy=models.ref)
     ppo = evaluate_policy(models, ppo_cfg, requests, policy=policy)
-    wins = sum(1.0 if a > b else 0.5 if a == b else 0.0
-               for a, b in zip(ppo["golds"], sft["golds"], strict=True))  # fmt: skip
-    return {"sft": sft, "ppo": ppo, "win_rate": wins / len(requests), "checkpoint": str(path),
+    return {"sft": sft, "ppo": ppo, "win_rate": win_rate(ppo["golds"], sft["golds"]),
+            "checkpoint": str(path),
             "split": cfg.split, "n_prompts": len(requests),
             "prompts": [r.prompt for r in requests]}  # fmt: skip
 

@@ -216,21 +216,36 @@ def logprobs_from_logits(logits: Tensor, labels: Tensor) -> Tensor:
     return torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
 
 
+def _response_log_softmax(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, query_len: int,
+    temperature: float,
+) -> Tensor:  # fmt: skip
+    """``(B, Lr, V)`` log-softmax of the logits that predict the response tokens: the logits at
+    position ``t`` predict token ``t + 1``, so ``input_ids[:, Lq:]`` are scored by
+    ``logits[:, Lq - 1 : -1]``, divided by ``temperature`` exactly as in sampling."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask,
+                position_ids=position_ids_from_mask(attention_mask))  # fmt: skip
+    logits = out.logits[:, query_len - 1 : -1].float() / temperature  # (B, Lr, V)
+    return torch.log_softmax(logits, dim=-1)
+
+
+def token_logprobs(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, query_len: int,
+    temperature: float = 1.0,
+) -> Tensor:  # fmt: skip
+    """``(B, Lr)`` log-probs of the response tokens of ``input_ids`` ``(B, Lq + Lr)``; for the
+    callers that need no entropy (reference passes, SFT, DPO, evaluation)."""
+    log_p = _response_log_softmax(model, input_ids, attention_mask, query_len, temperature)
+    return log_p.gather(-1, input_ids[:, query_len:].unsqueeze(-1)).squeeze(-1)
+
+
 def response_logprobs(
     model: nn.Module, input_ids: Tensor, attention_mask: Tensor, query_len: int,
     temperature: float = 1.0,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
-    """Log-probs and entropies of the response tokens of ``input_ids`` ``(B, Lq + Lr)``.
-
-    The logits at position ``t`` predict token ``t + 1``, so the response tokens
-    ``input_ids[:, Lq:]`` are scored by ``logits[:, Lq - 1 : -1]``, divided by ``temperature``
-    exactly as in sampling. Returns two ``(B, Lr)`` tensors.
-    """
-    out = model(input_ids=input_ids, attention_mask=attention_mask,
-                position_ids=position_ids_from_mask(attention_mask))  # fmt: skip
-    logits = out.logits[:, query_len - 1 : -1].float() / temperature  # (B, Lr, V)
-    log_p = torch.log_softmax(logits, dim=-1)
-    labels = input_ids[:, query_len:]
-    logprobs = log_p.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    """Log-probs and entropies of the response tokens of ``input_ids`` ``(B, Lq + Lr)``: two
+    ``(B, Lr)`` tensors (see :func:`token_logprobs` when the entropy is not needed)."""
+    log_p = _response_log_softmax(model, input_ids, attention_mask, query_len, temperature)
+    logprobs = log_p.gather(-1, input_ids[:, query_len:].unsqueeze(-1)).squeeze(-1)
     entropy = -(log_p.exp() * log_p).sum(-1)
     return logprobs, entropy

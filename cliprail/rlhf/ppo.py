@@ -46,6 +46,7 @@ from cliprail.rlhf.models import (
     load_causal_lm,
     load_tokenizer,
     response_logprobs,
+    token_logprobs,
 )
 from cliprail.rlhf.sampling import Sampling, load_requests, sample, score
 from cliprail.rlhf.sampling import evaluate_policy as evaluate
@@ -207,9 +208,8 @@ def rollout(m: Models, cfg: PPOConfig, prompts: list[str], g: torch.Generator) -
     s = cfg.sampling()
     x = sample(m.policy, m.tokenizer, prompts, s, g)
     Lq = x.query_len
-    logprobs, _ = response_logprobs(m.policy, x.input_ids, x.attention_mask, Lq, cfg.temperature)
-    ref_logprobs, _ = response_logprobs(m.ref, x.input_ids, x.attention_mask, Lq,
-                                        cfg.temperature)  # fmt: skip
+    logprobs = token_logprobs(m.policy, x.input_ids, x.attention_mask, Lq, cfg.temperature)
+    ref_logprobs = token_logprobs(m.ref, x.input_ids, x.attention_mask, Lq, cfg.temperature)
     values = values_of(m.value, x.input_ids, x.attention_mask, Lq)
     scores = score(m.reward, m.reward_shift, x, m.tokenizer.eos_token_id, s)
     m.cost.add(forward=5 * x.positions)  # generation, policy, reference, value, reward

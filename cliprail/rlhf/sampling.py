@@ -17,7 +17,7 @@ from torch import Tensor
 from cliprail.ppo import kl_estimate
 from cliprail.rlhf.data import DataError, encode_prompts, read_jsonl
 from cliprail.rlhf.generation import generate
-from cliprail.rlhf.models import ScalarHeadModel, response_logprobs
+from cliprail.rlhf.models import ScalarHeadModel, token_logprobs
 from cliprail.scenarios.healthcare import Request, Verdict, judge
 
 CRITERIA = ("gold", "scheduling", "safety", "honesty", "helpfulness", "concision")
@@ -125,10 +125,8 @@ def evaluate_policy(
     for i in range(0, len(requests), s.batch_size):
         chunk = requests[i : i + s.batch_size]
         x = sample(policy, tokenizer, [r.prompt for r in chunk], s, g)
-        logp, _ = response_logprobs(policy, x.input_ids, x.attention_mask, x.query_len,
-                                    s.temperature)  # fmt: skip
-        ref_logp, _ = response_logprobs(ref, x.input_ids, x.attention_mask, x.query_len,
-                                        s.temperature)  # fmt: skip
+        logp = token_logprobs(policy, x.input_ids, x.attention_mask, x.query_len, s.temperature)
+        ref_logp = token_logprobs(ref, x.input_ids, x.attention_mask, x.query_len, s.temperature)
         mask = x.response_mask.bool()
         k3 = kl_estimate(ref_logp, logp, "k3")  # KL(pi || ref) per token, >= 0
         kls += torch.where(mask, k3, torch.zeros_like(k3)).sum(1).tolist()

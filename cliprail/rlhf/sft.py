@@ -22,8 +22,8 @@ from cliprail.rlhf.models import (
     check_vocab,
     load_causal_lm,
     load_tokenizer,
-    response_logprobs,
     tiny_gpt2,
+    token_logprobs,
     train_tokenizer,
 )
 
@@ -109,8 +109,7 @@ def train_sft(cfg: SFTConfig) -> Path:
                 b = encode_pairs(tokenizer, [demos[i]["prompt"] for i in idx],
                                  [demos[i]["response"] for i in idx], cfg.max_prompt_len,
                                  cfg.max_response_len)  # fmt: skip
-                logprobs, _ = response_logprobs(model, b.input_ids, b.attention_mask,
-                                                b.query_len)  # fmt: skip
+                logprobs = token_logprobs(model, b.input_ids, b.attention_mask, b.query_len)
                 loss = -masked_mean(logprobs, b.response_mask)  # response tokens only
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
