@@ -25,6 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from cliprail.errors import CheckpointError
+from cliprail.interrupt import fault_point
 
 MANIFEST = "manifest.json"
 LATEST = "latest"
@@ -92,7 +93,8 @@ def save_checkpoint(
         tensors: group name -> flat dict of tensors; each group becomes ``<group>.safetensors``.
         state: JSON-serialisable counters, RNG states, controller states...
         optimizer_state: an optimizer's ``state_dict()``, saved as ``optimizer.pt``.
-        keep_last: delete older ``update_*`` checkpoints beyond this many (None keeps all).
+        keep_last: delete older checkpoints (by name: ``update_*``, ``step_*``) beyond this
+            many (None keeps all).
 
     Returns:
         The checkpoint folder.
@@ -121,6 +123,7 @@ def save_checkpoint(
                 f.flush()
                 os.fsync(f.fileno())
             manifest[fname] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            fault_point("checkpoint-file")  # tests: SIGKILL with the checkpoint half written
         with open(tmp / MANIFEST, "w") as f:
             json.dump(manifest, f, indent=2, sort_keys=True)
             f.flush()
@@ -145,7 +148,10 @@ def save_checkpoint(
 
 
 def _prune(ckpt_root: Path, keep_last: int, protect: str) -> None:
-    olds = sorted(p for p in ckpt_root.glob("update_*") if p.is_dir() and p.name != protect)
+    olds = sorted(
+        p for p in ckpt_root.iterdir()
+        if p.is_dir() and not p.name.startswith(".") and p.name != protect
+    )  # fmt: skip
     for p in olds[: max(0, len(olds) - (keep_last - 1))]:
         shutil.rmtree(p, ignore_errors=True)
 

@@ -383,6 +383,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     fn, rest = found
     from cliprail.errors import CliprailError
+    from cliprail.interrupt import Interrupted
     from cliprail.ppo import NonFiniteError
 
     if args[0] in ("rlhf", "demo"):  # our own progress bars only, not transformers' per file
@@ -392,6 +393,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return fn(rest)
+    except Interrupted as exc:  # SIGINT/SIGTERM honoured: a checkpoint was saved
+        print(f"cliprail: {exc}", file=sys.stderr)
+        return exc.exit_code
     except (CliprailError, NonFiniteError) as exc:
         if debug:
             raise

@@ -1,10 +1,9 @@
 """Pieces every RLHF stage shares: seeding, run folders, the held-out split of preference pairs,
-minibatch iteration, AdamW and the cost record (``stage.json``)."""
+resumable epoch shuffles, AdamW and the cost record (``stage.json``)."""
 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,12 +35,38 @@ def start_run(run_dir: Path, cfg: Any, overwrite: bool = False) -> None:
         raise RunDirError(f"{run_dir}: cannot write the run folder ({exc.strerror})") from None
 
 
-def batches(
-    n: int, size: int, generator: torch.Generator, shuffle: bool = True
-) -> Iterator[list[int]]:
-    order = torch.randperm(n, generator=generator).tolist() if shuffle else list(range(n))
-    for i in range(0, n, size):
-        yield order[i : i + size]
+class EpochShuffle:
+    """Shuffled minibatches addressed by global step, so a resumed run can start mid-epoch.
+
+    Each epoch draws one permutation from ``generator`` at its first step, as a loop of
+    ``randperm`` per epoch would. ``state_dict`` keeps the generator state at the start of the
+    current epoch: resumed mid-epoch, the permutation is redrawn from it, bitwise the same.
+    """
+
+    def __init__(self, n: int, batch_size: int, generator: torch.Generator) -> None:
+        self.n, self.batch_size, self.generator = n, batch_size, generator
+        self.steps_per_epoch = -(-n // batch_size)
+        self.epoch_start = generator.get_state()
+        self._epoch = -1
+        self._order: list[int] = []
+
+    def indices(self, step: int) -> tuple[int, list[int]]:
+        """``(epoch, example indices)`` of global step ``step`` (0-based)."""
+        epoch, k = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            if k == 0:
+                self.epoch_start = self.generator.get_state()
+            else:  # resumed mid-epoch: redraw this epoch's permutation from its start
+                self.generator.set_state(self.epoch_start)
+            self._order = torch.randperm(self.n, generator=self.generator).tolist()
+            self._epoch = epoch
+        return epoch, self._order[k * self.batch_size : (k + 1) * self.batch_size]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch_generator": self.epoch_start.tolist()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch_start = torch.tensor(state["epoch_generator"], dtype=torch.uint8)
 
 
 def adamw(params: Any, lr: float) -> torch.optim.Optimizer:
@@ -74,6 +99,13 @@ class Cost:
     def add(self, forward: int = 0, backward: int = 0) -> None:
         self.tokens_forward += int(forward)
         self.tokens_backward += int(backward)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"tokens_forward": self.tokens_forward, "tokens_backward": self.tokens_backward}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.tokens_forward = int(state["tokens_forward"])
+        self.tokens_backward = int(state["tokens_backward"])
 
     def write(self, run_dir: Path, **extra: Any) -> None:
         """``<run_dir>/stage.json``: the stage's name and cost, for ``cliprail rlhf compare``."""

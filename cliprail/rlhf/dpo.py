@@ -23,9 +23,10 @@ import torch
 
 from cliprail.checkpoint import atomic_dir, atomic_write_json
 from cliprail.errors import ConfigError
+from cliprail.interrupt import StopRequest
 from cliprail.monitor import MetricsLogger, Progress
 from cliprail.ppo import dpo_loss, masked_mean, masked_sum
-from cliprail.rlhf.common import Cost, adamw, batches, seed_all, split_pairs, start_run
+from cliprail.rlhf.common import Cost, EpochShuffle, adamw, seed_all, split_pairs
 from cliprail.rlhf.data import Batch, encode_pairs, load_preferences
 from cliprail.rlhf.models import (
     ScalarHeadModel,
@@ -34,6 +35,7 @@ from cliprail.rlhf.models import (
     load_tokenizer,
     token_logprobs,
 )
+from cliprail.rlhf.resume import StageCheckpointer, begin_run
 from cliprail.rlhf.sampling import Sampling, evaluate_policy, load_requests
 
 
@@ -77,6 +79,12 @@ class DPOConfig:
     """Allow a model folder's own Python code to run."""
     progress: bool = True
     """Show a progress bar."""
+    checkpoint_every: int = 100
+    """Save a resumable checkpoint every this many optimizer steps (0: only on SIGINT/SIGTERM);
+    the newest two are kept under <run_dir>/checkpoints."""
+    resume: bool = False
+    """Continue the unfinished run in --run-dir from its latest checkpoint, bitwise as if it
+    had never stopped (the other flags must match the saved config.json)."""
 
     def __post_init__(self) -> None:
         if self.beta <= 0:
@@ -88,6 +96,8 @@ class DPOConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer")
         if not 0.0 < self.holdout < 1.0:
             raise ConfigError(f"--holdout must be in (0, 1), got {self.holdout}")
+        if self.checkpoint_every < 0:
+            raise ConfigError(f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
 
 
 def sequence_logps(model: torch.nn.Module, b: Batch, average: bool = False) -> torch.Tensor:
@@ -135,7 +145,7 @@ def train_dpo(cfg: DPOConfig) -> dict[str, Any]:
     if cfg.prompts is not None:
         held_requests = [r for r in load_requests(cfg.prompts) if r.split == "eval"]
         held_requests = held_requests[: cfg.eval_prompts]
-    start_run(cfg.run_dir, cfg)
+    begin_run(cfg.run_dir, cfg)
     t0 = time.perf_counter()
     g = seed_all(cfg.seed)
     train, held = split_pairs(pairs, cfg.holdout, g)
@@ -152,14 +162,25 @@ def train_dpo(cfg: DPOConfig) -> dict[str, Any]:
     ref_train = pair_logps(ref, tok, train, cfg, cost)
     ref_held = pair_logps(ref, tok, held, cfg, cost)
     opt = adamw(policy.parameters(), cfg.learning_rate)
-    steps_per_epoch = -(-len(train) // cfg.batch_size)
-    total = cfg.epochs * steps_per_epoch
+    shuffle = EpochShuffle(len(train), cfg.batch_size, g)
+    total = cfg.epochs * shuffle.steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / max(total, 1))
-    bar = Progress(total, "DPO", cfg.progress)
     evals: list[dict[str, Any]] = []
     sampling = Sampling(max_prompt_len=cfg.max_prompt_len)
+    ckpt = StageCheckpointer(cfg.run_dir, cfg.checkpoint_every, {"policy": policy}, opt, sched,
+                             {"shuffle": g})  # fmt: skip
+    start, elapsed = 0, 0.0
+    if cfg.resume:  # the reference pass above is recomputed (same numbers), not re-counted
+        _, state = ckpt.restore()
+        start, elapsed, evals = state["step"], state["wall_s"], state["evals"]
+        cost.load_state_dict(state["cost"])
+        shuffle.load_state_dict(state["shuffle"])
 
-    def evaluate(epoch: int, log: MetricsLogger) -> None:
+    def snapshot() -> dict[str, Any]:
+        return {"wall_s": elapsed + time.perf_counter() - t0, "cost": cost.state_dict(),
+                "shuffle": shuffle.state_dict(), "evals": evals}  # fmt: skip
+
+    def evaluate(epoch: int, step: int, log: MetricsLogger) -> None:
         if not held_requests:
             return
         ev = evaluate_policy(policy, ref, tok, held_requests, sampling, reward, shift)
@@ -168,30 +189,37 @@ def train_dpo(cfg: DPOConfig) -> dict[str, Any]:
         evals.append(rec)
         log.log(step, {f"eval/{k}": v for k, v in rec.items()})
 
-    step = 0
-    with MetricsLogger(cfg.run_dir, tensorboard=True) as log:
-        evaluate(0, log)
-        for epoch in range(1, cfg.epochs + 1):
-            for idx in batches(len(train), cfg.batch_size, g):
-                b = _encode(tok, [train[i] for i in idx], cfg)
-                lp = sequence_logps(policy, b, average=cfg.loss_type == "ipo")  # (2n,)
-                n = len(idx)
-                loss, stats = dpo_loss(
-                    lp[:n], lp[n:], ref_train[idx, 0], ref_train[idx, 1], beta=cfg.beta,
-                    loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing,
-                )  # fmt: skip
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
-                opt.step()
-                sched.step()
-                cost.add(forward=b.input_ids.numel(), backward=b.input_ids.numel())
-                step += 1
-                row = {k: float(v) for k, v in stats.items()}
-                row.update(loss=loss.item(), grad_norm=float(grad_norm), epoch=epoch)
-                log.log(step, row)
-                bar.update(step, f"loss {row['loss']:.3f}  acc {row['reward_accuracy']:.2f}")
-            evaluate(epoch, log)
+    bar = Progress(total, "DPO", cfg.progress, completed=start)
+    with (
+        StopRequest() as stop,
+        MetricsLogger(
+            cfg.run_dir, tensorboard=True, resume_step=start if cfg.resume else None
+        ) as log,
+    ):
+        if start == 0:
+            evaluate(0, 0, log)
+        for step in range(start, total):
+            epoch, idx = shuffle.indices(step)
+            b = _encode(tok, [train[i] for i in idx], cfg)
+            lp = sequence_logps(policy, b, average=cfg.loss_type == "ipo")  # (2n,)
+            n = len(idx)
+            loss, stats = dpo_loss(
+                lp[:n], lp[n:], ref_train[idx, 0], ref_train[idx, 1], beta=cfg.beta,
+                loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing,
+            )  # fmt: skip
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            cost.add(forward=b.input_ids.numel(), backward=b.input_ids.numel())
+            row = {k: float(v) for k, v in stats.items()}
+            row.update(loss=loss.item(), grad_norm=float(grad_norm), epoch=epoch + 1)
+            log.log(step + 1, row)
+            bar.update(step + 1, f"loss {row['loss']:.3f}  acc {row['reward_accuracy']:.2f}")
+            if (step + 1) % shuffle.steps_per_epoch == 0:  # the epoch's evaluation, then save
+                evaluate(epoch + 1, step + 1, log)
+            ckpt.step_end(step + 1, stop, snapshot, f"after step {step + 1} of {total}")
         bar.close()
         metrics: dict[str, Any] = {
             "heldout_implicit_accuracy": implicit_accuracy(policy, tok, held, ref_held, cfg),
@@ -202,12 +230,12 @@ def train_dpo(cfg: DPOConfig) -> dict[str, Any]:
             "pairs_heldout": len(held),
             "evals": evals,
         }
-        log.log(step + 1, {k: v for k, v in metrics.items() if k != "evals"})
+        log.log(total + 1, {k: v for k, v in metrics.items() if k != "evals"})
     out = cfg.run_dir / "model"
     with atomic_dir(out) as tmp:
         policy.save_pretrained(str(tmp))  # type: ignore[operator]
         tok.save_pretrained(str(tmp))
-    cost.wall_s = time.perf_counter() - t0
-    cost.write(cfg.run_dir, policy=str(out))
+    cost.wall_s = elapsed + time.perf_counter() - t0
     atomic_write_json(cfg.run_dir / "dpo_metrics.json", metrics)
+    cost.write(cfg.run_dir, policy=str(out))  # last: a run with stage.json is finished
     return metrics

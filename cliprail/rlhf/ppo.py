@@ -24,6 +24,7 @@ from torch import Tensor
 
 from cliprail.checkpoint import atomic_dir, atomic_write_json
 from cliprail.errors import ConfigError
+from cliprail.interrupt import StopRequest
 from cliprail.monitor import MetricsLogger, Progress
 from cliprail.ppo import (
     FixedKLController,
@@ -37,7 +38,7 @@ from cliprail.ppo import (
     ppo_update,
     value_loss,
 )
-from cliprail.rlhf.common import Cost, adamw, seed_all, start_run
+from cliprail.rlhf.common import Cost, adamw, seed_all
 from cliprail.rlhf.data import DataError
 from cliprail.rlhf.models import (
     ScalarHeadModel,
@@ -48,6 +49,7 @@ from cliprail.rlhf.models import (
     response_logprobs,
     token_logprobs,
 )
+from cliprail.rlhf.resume import StageCheckpointer, begin_run
 from cliprail.rlhf.sampling import Sampling, load_requests, sample, score
 from cliprail.rlhf.sampling import evaluate_policy as evaluate
 from cliprail.scenarios.healthcare import Request
@@ -134,6 +136,12 @@ class PPOConfig:
     """Allow a model folder's own Python code to run."""
     progress: bool = True
     """Show a progress bar."""
+    checkpoint_every: int = 8
+    """Save a resumable checkpoint every this many updates (0: only on SIGINT/SIGTERM); the
+    newest two are kept under <run_dir>/checkpoints."""
+    resume: bool = False
+    """Continue the unfinished run in --run-dir from its latest checkpoint, bitwise as if it
+    had never stopped (the other flags must match the saved config.json)."""
 
     def __post_init__(self) -> None:
         if self.batch_size % self.minibatch_size:
@@ -151,6 +159,8 @@ class PPOConfig:
             raise ConfigError("--learning-rate must be > 0, --lam in [0, 1], --gamma in (0, 1]")
         if self.eval_every < 0 or self.eval_prompts <= 0 or self.fuse_patience <= 0:
             raise ConfigError("--eval-every must be >= 0, --eval-prompts and --fuse-patience > 0")
+        if self.checkpoint_every < 0:
+            raise ConfigError(f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
 
     def sampling(self) -> Sampling:
         return Sampling(self.max_new_tokens, self.temperature, self.top_p, self.max_prompt_len,
@@ -354,7 +364,7 @@ def train_ppo(cfg: PPOConfig) -> dict[str, Any]:
     red = [r for r in requests if r.split == "redteam"][: cfg.eval_prompts]
     if not train:
         raise DataError(f"{cfg.prompts}: no requests with split 'train'")
-    start_run(cfg.run_dir, cfg)
+    begin_run(cfg.run_dir, cfg)
     g = seed_all(cfg.seed)
     m = load_models(cfg)
     params = [p for p in [*m.policy.parameters(), *m.value.parameters()] if p.requires_grad]
@@ -367,8 +377,23 @@ def train_ppo(cfg: PPOConfig) -> dict[str, Any]:
     rng = random.Random(cfg.seed)
     fuse: dict[str, Any] = {"evals": [], "best_update": 0, "best_gold": -math.inf,
                             "halted": None}  # fmt: skip
-    bar = Progress(n_updates, "PPO", cfg.progress)
+    ckpt = StageCheckpointer(cfg.run_dir, cfg.checkpoint_every,
+                             {"policy": m.policy, "value": m.value}, optimizer,
+                             generators={"sampling": g}, rngs={"prompts": rng})  # fmt: skip
+    start, elapsed, skipped_in_row = 0, 0.0, 0
+    if cfg.resume:  # the reference is the SFT model as loaded above, before this restore
+        _, state = ckpt.restore()
+        start, elapsed, fuse = state["step"], state["wall_s"], state["fuse"]
+        skipped_in_row = state["skipped_in_row"]
+        kl_ctl.load_state_dict(state["kl_controller"])
+        m.cost.load_state_dict(state["cost"])
+    bar = Progress(n_updates, "PPO", cfg.progress, completed=start)
     t0 = time.perf_counter()
+
+    def snapshot() -> dict[str, Any]:
+        return {"wall_s": elapsed + time.perf_counter() - t0, "cost": m.cost.state_dict(),
+                "fuse": fuse, "kl_controller": kl_ctl.state_dict(),
+                "skipped_in_row": skipped_in_row}  # fmt: skip
 
     def run_fuse(update: int, log: MetricsLogger) -> bool:
         ev = evaluate_policy(m, cfg, held)
@@ -398,11 +423,17 @@ def train_ppo(cfg: PPOConfig) -> dict[str, Any]:
             return True
         return False
 
-    with MetricsLogger(cfg.run_dir, tensorboard=True) as log:
-        if cfg.eval_every:
+    with (
+        StopRequest() as stop,
+        MetricsLogger(
+            cfg.run_dir,
+            tensorboard=True,
+            resume_step=start * cfg.batch_size if cfg.resume else None,
+        ) as log,
+    ):
+        if cfg.eval_every and start == 0:
             run_fuse(0, log)
-        skipped_in_row = 0
-        for update in range(1, n_updates + 1):
+        for update in range(start + 1, n_updates + 1):
             prompts = [r.prompt for r in rng.sample(train, min(cfg.batch_size, len(train)))]
             ro = rollout(m, cfg, prompts, g)
             stats = ppo_step(m, cfg, ro, optimizer, kl_ctl, g)
@@ -414,21 +445,24 @@ def train_ppo(cfg: PPOConfig) -> dict[str, Any]:
                     f"was applied from them; the best fuse checkpoint is {cfg.run_dir / 'best'}"
                 )
             stats["episodes"] = update * cfg.batch_size
-            stats["episodes_per_s"] = update * cfg.batch_size / (time.perf_counter() - t0)
+            stats["episodes_per_s"] = (update - start) * cfg.batch_size / (time.perf_counter() - t0)
             log.log(update * cfg.batch_size, stats)
             bar.update(
                 update,
                 f"score {stats.get('score', float('nan')):+.2f}  "
                 f"KL {stats.get('kl_ref', float('nan')):.2f}",
             )
-            if cfg.eval_every and update % cfg.eval_every == 0 and run_fuse(update, log):
+            halt = bool(cfg.eval_every and update % cfg.eval_every == 0 and run_fuse(update, log))
+            if halt:
                 break
+            ckpt.step_end(update, stop, snapshot, f"after update {update} of {n_updates}")
     bar.close()
     save_policy(m, cfg.run_dir / "policy")
     fuse["best_checkpoint"] = str(cfg.run_dir / "best") if cfg.eval_every else None
-    fuse["wall_s"] = m.cost.wall_s = time.perf_counter() - t0
-    m.cost.write(cfg.run_dir, policy=str(cfg.run_dir / ("best" if cfg.eval_every else "policy")))
+    fuse["wall_s"] = m.cost.wall_s = elapsed + time.perf_counter() - t0
     atomic_write_json(cfg.run_dir / "fuse.json", fuse)
+    # last: a run with stage.json is finished
+    m.cost.write(cfg.run_dir, policy=str(cfg.run_dir / ("best" if cfg.eval_every else "policy")))
     return fuse
 
 

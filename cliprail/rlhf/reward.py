@@ -17,10 +17,12 @@ import torch.nn.functional as F
 
 from cliprail.checkpoint import atomic_dir, atomic_write_json
 from cliprail.errors import ConfigError
+from cliprail.interrupt import StopRequest
 from cliprail.monitor import MetricsLogger, Progress
-from cliprail.rlhf.common import Cost, adamw, batches, seed_all, split_pairs, start_run
+from cliprail.rlhf.common import Cost, EpochShuffle, adamw, seed_all, split_pairs
 from cliprail.rlhf.data import encode_pairs, load_preferences, read_jsonl
 from cliprail.rlhf.models import ScalarHeadModel, check_vocab, load_causal_lm, load_tokenizer
+from cliprail.rlhf.resume import StageCheckpointer, begin_run
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,12 @@ class RewardConfig:
     """Allow a model folder's own Python code to run."""
     progress: bool = True
     """Show a progress bar."""
+    checkpoint_every: int = 100
+    """Save a resumable checkpoint every this many optimizer steps (0: only on SIGINT/SIGTERM);
+    the newest two are kept under <run_dir>/checkpoints."""
+    resume: bool = False
+    """Continue the unfinished run in --run-dir from its latest checkpoint, bitwise as if it
+    had never stopped (the other flags must match the saved config.json)."""
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "max_prompt_len", "max_response_len"):
@@ -63,6 +71,8 @@ class RewardConfig:
             raise ConfigError(f"--holdout must be in (0, 1), got {self.holdout}")
         if not self.learning_rate > 0:
             raise ConfigError(f"--learning-rate must be > 0, got {self.learning_rate}")
+        if self.checkpoint_every < 0:
+            raise ConfigError(f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
 
 
 def _scores(rm: ScalarHeadModel, tok: Any, prompts: list[str], responses: list[str],
@@ -97,7 +107,7 @@ def accuracy(
 def train_reward(cfg: RewardConfig) -> dict[str, Any]:
     """Train, evaluate and save the reward model; returns its metrics."""
     pairs = load_preferences(cfg.data)
-    start_run(cfg.run_dir, cfg)
+    begin_run(cfg.run_dir, cfg)
     t0 = time.perf_counter()
     cost = Cost("reward")
     g = seed_all(cfg.seed)
@@ -107,30 +117,48 @@ def train_reward(cfg: RewardConfig) -> dict[str, Any]:
     rm = ScalarHeadModel.from_causal_lm(lm)
     train, held = split_pairs(pairs, cfg.holdout, g)
     opt = adamw(rm.parameters(), cfg.learning_rate)
-    total = cfg.epochs * -(-len(train) // cfg.batch_size)
-    bar = Progress(total, "reward model", cfg.progress)
-    step = 0
-    with MetricsLogger(cfg.run_dir, tensorboard=False) as log:
-        for _ in range(cfg.epochs):
-            rm.train()
-            for idx in batches(len(train), cfg.batch_size, g):
-                chunk = [train[i] for i in idx]
-                prompts = [p["prompt"] for p in chunk]
-                # chosen and rejected in one forward: (2B,) scores
-                b = encode_pairs(tok, prompts + prompts, [p["chosen"] for p in chunk]
-                                 + [p["rejected"] for p in chunk], cfg.max_prompt_len,
-                                 cfg.max_response_len)  # fmt: skip
-                s = rm.score(b.input_ids, b.attention_mask)
-                margin = s[: len(chunk)] - s[len(chunk) :]
-                loss = -F.logsigmoid(margin).mean()  # Bradley-Terry
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(rm.parameters(), 1.0)
-                opt.step()
-                cost.add(forward=b.input_ids.numel(), backward=b.input_ids.numel())
-                step += 1
-                log.log(step, {"loss": loss.item(), "accuracy": float((margin > 0).float().mean())})
-                bar.update(step, f"loss {loss.item():.3f}")
+    shuffle = EpochShuffle(len(train), cfg.batch_size, g)
+    total = cfg.epochs * shuffle.steps_per_epoch
+    ckpt = StageCheckpointer(cfg.run_dir, cfg.checkpoint_every, {"model": rm}, opt,
+                             generators={"shuffle": g})  # fmt: skip
+    start, elapsed = 0, 0.0
+    if cfg.resume:
+        _, state = ckpt.restore()
+        start, elapsed = state["step"], state["wall_s"]
+        cost.load_state_dict(state["cost"])
+        shuffle.load_state_dict(state["shuffle"])
+
+    def snapshot() -> dict[str, Any]:
+        return {"wall_s": elapsed + time.perf_counter() - t0, "cost": cost.state_dict(),
+                "shuffle": shuffle.state_dict()}  # fmt: skip
+
+    bar = Progress(total, "reward model", cfg.progress, completed=start)
+    with (
+        StopRequest() as stop,
+        MetricsLogger(
+            cfg.run_dir, tensorboard=False, resume_step=start if cfg.resume else None
+        ) as log,
+    ):
+        rm.train()
+        for step in range(start, total):
+            _, idx = shuffle.indices(step)
+            chunk = [train[i] for i in idx]
+            prompts = [p["prompt"] for p in chunk]
+            # chosen and rejected in one forward: (2B,) scores
+            b = encode_pairs(tok, prompts + prompts, [p["chosen"] for p in chunk]
+                             + [p["rejected"] for p in chunk], cfg.max_prompt_len,
+                             cfg.max_response_len)  # fmt: skip
+            s = rm.score(b.input_ids, b.attention_mask)
+            margin = s[: len(chunk)] - s[len(chunk) :]
+            loss = -F.logsigmoid(margin).mean()  # Bradley-Terry
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(rm.parameters(), 1.0)
+            opt.step()
+            cost.add(forward=b.input_ids.numel(), backward=b.input_ids.numel())
+            log.log(step + 1, {"loss": loss.item(), "accuracy": float((margin > 0).float().mean())})
+            bar.update(step + 1, f"loss {loss.item():.3f}")
+            ckpt.step_end(step + 1, stop, snapshot, f"after step {step + 1} of {total}")
         bar.close()
         metrics = {"heldout_accuracy": accuracy(rm, tok, held, cfg),
                    "train_accuracy": accuracy(rm, tok, train[:500], cfg),
@@ -142,12 +170,12 @@ def train_reward(cfg: RewardConfig) -> dict[str, Any]:
                                [d["response"] for d in demos], cfg)  # fmt: skip
             shift = float(scores.mean())
         metrics["reward_shift"] = shift
-        log.log(step + 1, metrics)
+        log.log(total + 1, metrics)
     out = cfg.run_dir / "model"
     with atomic_dir(out) as tmp:
         rm.save(tmp, {"shift": shift, **metrics})
         tok.save_pretrained(str(tmp))
-    cost.wall_s = time.perf_counter() - t0
-    cost.write(cfg.run_dir, model=str(out))
+    cost.wall_s = elapsed + time.perf_counter() - t0
     atomic_write_json(cfg.run_dir / "reward_metrics.json", metrics)
+    cost.write(cfg.run_dir, model=str(out))  # last: a run with stage.json is finished
     return metrics

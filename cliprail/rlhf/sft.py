@@ -9,14 +9,16 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from cliprail.checkpoint import atomic_dir
 from cliprail.errors import ConfigError
+from cliprail.interrupt import StopRequest
 from cliprail.monitor import MetricsLogger, Progress
 from cliprail.ppo import masked_mean
-from cliprail.rlhf.common import Cost, adamw, batches, seed_all, start_run
+from cliprail.rlhf.common import Cost, EpochShuffle, adamw, seed_all
 from cliprail.rlhf.data import encode_pairs, read_jsonl
 from cliprail.rlhf.models import (
     check_vocab,
@@ -26,6 +28,7 @@ from cliprail.rlhf.models import (
     token_logprobs,
     train_tokenizer,
 )
+from cliprail.rlhf.resume import StageCheckpointer, begin_run
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,12 @@ class SFTConfig:
     """Allow a model folder's own Python code to run (off: only built-in architectures)."""
     progress: bool = True
     """Show a progress bar."""
+    checkpoint_every: int = 100
+    """Save a resumable checkpoint every this many optimizer steps (0: only on SIGINT/SIGTERM);
+    the newest two are kept under <run_dir>/checkpoints."""
+    resume: bool = False
+    """Continue the unfinished run in --run-dir from its latest checkpoint, bitwise as if it
+    had never stopped (the other flags must match the saved config.json)."""
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "max_prompt_len", "max_response_len", "n_layer",
@@ -77,18 +86,26 @@ class SFTConfig:
                               f"merges), got {self.vocab_size}")  # fmt: skip
         if not self.learning_rate > 0:
             raise ConfigError(f"--learning-rate must be > 0, got {self.learning_rate}")
+        if self.checkpoint_every < 0:
+            raise ConfigError(f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
 
 
 def train_sft(cfg: SFTConfig) -> Path:
     """Run SFT; returns the folder of the fine-tuned model (with its tokenizer)."""
     demos = read_jsonl(cfg.data, ("prompt", "response"))
-    start_run(cfg.run_dir, cfg)
+    begin_run(cfg.run_dir, cfg)
     t0 = time.perf_counter()
     cost = Cost("sft")
     g = seed_all(cfg.seed)
+    tok_dir = cfg.run_dir / "tokenizer"  # a trained tokenizer is kept, so --resume reuses it
     if cfg.model is None:
-        texts = [d["prompt"] for d in demos] + [d["response"] for d in demos]
-        tokenizer = train_tokenizer(texts, cfg.vocab_size)
+        if cfg.resume and tok_dir.is_dir():
+            tokenizer = load_tokenizer(tok_dir)
+        else:
+            texts = [d["prompt"] for d in demos] + [d["response"] for d in demos]
+            tokenizer = train_tokenizer(texts, cfg.vocab_size)
+            with atomic_dir(tok_dir) as tmp:
+                tokenizer.save_pretrained(str(tmp))
         model = tiny_gpt2(len(tokenizer), cfg.n_layer, cfg.n_embd, cfg.n_head, seed=cfg.seed,
                           eos_token_id=tokenizer.eos_token_id,
                           pad_token_id=tokenizer.pad_token_id)  # fmt: skip
@@ -98,33 +115,50 @@ def train_sft(cfg: SFTConfig) -> Path:
         check_vocab(tokenizer, model, str(cfg.model))
     model.train()
     opt = adamw(model.parameters(), cfg.learning_rate)
-    steps_per_epoch = -(-len(demos) // cfg.batch_size)
-    total = cfg.epochs * steps_per_epoch
+    total = cfg.epochs * -(-len(demos) // cfg.batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / max(total, 1))
-    bar = Progress(total, "SFT", cfg.progress)
-    step = 0
-    with MetricsLogger(cfg.run_dir, tensorboard=False) as log:
-        for epoch in range(cfg.epochs):
-            for idx in batches(len(demos), cfg.batch_size, g):
-                b = encode_pairs(tokenizer, [demos[i]["prompt"] for i in idx],
-                                 [demos[i]["response"] for i in idx], cfg.max_prompt_len,
-                                 cfg.max_response_len)  # fmt: skip
-                logprobs = token_logprobs(model, b.input_ids, b.attention_mask, b.query_len)
-                loss = -masked_mean(logprobs, b.response_mask)  # response tokens only
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                opt.step()
-                sched.step()
-                cost.add(forward=b.input_ids.numel(), backward=b.input_ids.numel())
-                step += 1
-                log.log(step, {"loss": loss.item(), "epoch": epoch})
-                bar.update(step, f"loss {loss.item():.3f}")
+    shuffle = EpochShuffle(len(demos), cfg.batch_size, g)
+    ckpt = StageCheckpointer(cfg.run_dir, cfg.checkpoint_every, {"model": model}, opt, sched,
+                             {"shuffle": g})  # fmt: skip
+    start, elapsed = 0, 0.0
+    if cfg.resume:
+        _, state = ckpt.restore()
+        start, elapsed = state["step"], state["wall_s"]
+        cost.load_state_dict(state["cost"])
+        shuffle.load_state_dict(state["shuffle"])
+
+    def snapshot() -> dict[str, Any]:
+        return {"wall_s": elapsed + time.perf_counter() - t0, "cost": cost.state_dict(),
+                "shuffle": shuffle.state_dict()}  # fmt: skip
+
+    bar = Progress(total, "SFT", cfg.progress, completed=start)
+    with (
+        StopRequest() as stop,
+        MetricsLogger(
+            cfg.run_dir, tensorboard=False, resume_step=start if cfg.resume else None
+        ) as log,
+    ):
+        for step in range(start, total):
+            epoch, idx = shuffle.indices(step)
+            b = encode_pairs(tokenizer, [demos[i]["prompt"] for i in idx],
+                             [demos[i]["response"] for i in idx], cfg.max_prompt_len,
+                             cfg.max_response_len)  # fmt: skip
+            logprobs = token_logprobs(model, b.input_ids, b.attention_mask, b.query_len)
+            loss = -masked_mean(logprobs, b.response_mask)  # response tokens only
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            cost.add(forward=b.input_ids.numel(), backward=b.input_ids.numel())
+            log.log(step + 1, {"loss": loss.item(), "epoch": epoch})
+            bar.update(step + 1, f"loss {loss.item():.3f}")
+            ckpt.step_end(step + 1, stop, snapshot, f"after step {step + 1} of {total}")
     bar.close()
     out = cfg.run_dir / "model"
     with atomic_dir(out) as tmp:
         model.save_pretrained(str(tmp))  # type: ignore[operator]
         tokenizer.save_pretrained(str(tmp))
-    cost.wall_s = time.perf_counter() - t0
-    cost.write(cfg.run_dir, policy=str(out))
+    cost.wall_s = elapsed + time.perf_counter() - t0
+    cost.write(cfg.run_dir, policy=str(out))  # last: a run with stage.json is finished
     return out

@@ -1,0 +1,166 @@
+"""Mid-run checkpoints and exact ``--resume`` for the RLHF stages (SFT, reward, DPO, PPO).
+
+A stage checkpoint (:func:`cliprail.checkpoint.save_checkpoint`: safetensors, a manifest, written
+under a temporary name and renamed) holds everything the next optimizer step depends on: the
+trained models' weights, the optimizer and learning-rate schedule, every RNG (Python's global and
+the stage's own ``random.Random``, NumPy's, torch's global and the stage's ``torch.Generator``),
+the counters, and a JSON ``state`` the stage adds (the KL controller, the fuse, evaluations, the
+generator state at the start of the current epoch so its shuffle can be redrawn). Frozen models
+(reference, reward) are not saved: they are re-read from their folders, bitwise the same.
+
+The loop calls :meth:`StageCheckpointer.step_end` after every step: it saves every
+``checkpoint_every`` steps, honours SIGINT/SIGTERM (:class:`cliprail.interrupt.StopRequest`: save,
+then :class:`~cliprail.interrupt.Interrupted`), and is where the tests' ``CLIPRAIL_KILL_AT=
+rlhf-step:n`` SIGKILLs the process.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cliprail.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from cliprail.configio import config_to_dict
+from cliprail.errors import CheckpointError, ConfigError, RunDirError
+from cliprail.interrupt import StopRequest, fault_point
+from cliprail.rlhf.common import start_run
+
+# Config fields a --resume may change: they do not touch what is computed.
+RESUMABLE_OVERRIDES = frozenset({"resume", "progress", "checkpoint_every"})
+CHECKPOINTS = "checkpoints"
+
+
+def py_rng_to_json(state: tuple[Any, ...]) -> list[Any]:
+    """``random.getstate()`` as JSON (version, 625 ints, gauss_next)."""
+    return [state[0], list(state[1]), state[2]]
+
+
+def py_rng_from_json(s: list[Any]) -> tuple[Any, ...]:
+    return (s[0], tuple(s[1]), s[2])
+
+
+def begin_run(run_dir: Path, cfg: Any) -> None:
+    """Start the run folder, or, with ``cfg.resume``, check that it holds an unfinished run made
+    with the same config (up to :data:`RESUMABLE_OVERRIDES`)."""
+    if not getattr(cfg, "resume", False):
+        start_run(run_dir, cfg)
+        return
+    cfg_path = run_dir / "config.json"
+    if not cfg_path.is_file():
+        raise RunDirError(f"{run_dir}: no run to resume (no config.json)")
+    if (run_dir / "stage.json").is_file():
+        raise RunDirError(f"{run_dir}: this run finished (stage.json, written last, is there); "
+                          "nothing to resume")  # fmt: skip
+    try:
+        saved = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{cfg_path}: unreadable ({exc})") from None
+    given = json.loads(json.dumps(config_to_dict(cfg)))  # tuples -> lists, as saved
+    diffs = [f"{k} (saved {saved.get(k)!r}, given {v!r})" for k, v in given.items()
+             if k not in RESUMABLE_OVERRIDES and saved.get(k) != v]  # fmt: skip
+    if diffs:
+        raise ConfigError(f"--resume with a config that differs from {cfg_path}: "
+                          f"{', '.join(diffs)}")  # fmt: skip
+
+
+class StageCheckpointer:
+    """Save and restore one stage's trained state; see the module docstring.
+
+    Args:
+        run_dir: the stage's run folder (checkpoints go to ``<run_dir>/checkpoints``).
+        every: save every this many steps (0: only when stopped by a signal).
+        modules: name -> trained module (its ``state_dict`` is saved as ``<name>.safetensors``).
+        optimizer: the optimizer stepping them.
+        scheduler: its learning-rate schedule, if any.
+        generators: name -> ``torch.Generator`` the stage draws from.
+        rngs: name -> ``random.Random`` the stage draws from.
+    """
+
+    def __init__(
+        self,
+        run_dir: Path,
+        every: int,
+        modules: dict[str, torch.nn.Module],
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+        generators: dict[str, torch.Generator] | None = None,
+        rngs: dict[str, random.Random] | None = None,
+    ) -> None:
+        self.root = run_dir / CHECKPOINTS
+        self.every = every
+        self.modules = modules
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.generators = generators or {}
+        self.rngs = rngs or {}
+        self.last_saved: int | None = None
+
+    def save(self, step: int, state: dict[str, Any]) -> Path:
+        """Checkpoint ``step`` with the stage's JSON ``state``; returns the folder."""
+        tensors: dict[str, dict[str, torch.Tensor]] = {
+            name: dict(m.state_dict()) for name, m in self.modules.items()
+        }
+        tensors["rng"] = {
+            "torch": torch.get_rng_state(),
+            **{f"gen.{k}": g.get_state() for k, g in self.generators.items()},
+        }
+        np_state: Any = np.random.get_state()
+        full = {
+            **state,
+            "step": step,
+            "python_rng": py_rng_to_json(random.getstate()),
+            "numpy_rng": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+            "rngs": {k: py_rng_to_json(r.getstate()) for k, r in self.rngs.items()},
+        }
+        opt = {"optimizer": self.optimizer.state_dict(),
+               "scheduler": self.scheduler.state_dict() if self.scheduler else None}  # fmt: skip
+        path = save_checkpoint(self.root, f"step_{step:08d}", tensors, full, opt, keep_last=2)
+        self.last_saved = step
+        return path
+
+    def restore(self) -> tuple[Path, dict[str, Any]]:
+        """Load the latest valid checkpoint into the modules, optimizer and RNGs; returns its
+        folder and its state (``state["step"]`` is the step to continue after)."""
+        path = latest_checkpoint(self.root)
+        tensors, state, opt = load_checkpoint(path)
+        try:
+            for name, m in self.modules.items():
+                m.load_state_dict(tensors[name])
+            self.optimizer.load_state_dict(opt["optimizer"])
+            if self.scheduler is not None:
+                self.scheduler.load_state_dict(opt["scheduler"])
+            rng = tensors["rng"]
+            torch.set_rng_state(rng["torch"])
+            for k, g in self.generators.items():
+                g.set_state(rng[f"gen.{k}"])
+            random.setstate(py_rng_from_json(state["python_rng"]))
+            s = state["numpy_rng"]
+            np.random.set_state((s[0], np.asarray(s[1], dtype=np.uint32), *s[2:]))
+            for k, r in self.rngs.items():
+                r.setstate(py_rng_from_json(state["rngs"][k]))
+        except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+            raise CheckpointError(f"{path}: does not fit this stage's models ({exc})") from None
+        self.last_saved = int(state["step"])
+        return path, state
+
+    def step_end(
+        self, step: int, stop: StopRequest, state: Callable[[], dict[str, Any]], where: str
+    ) -> None:
+        """After step ``step``: save if it is due or a signal asked to stop (then raise
+        :class:`~cliprail.interrupt.Interrupted`)."""
+        path = None
+        if self.every and step % self.every == 0:
+            path = self.save(step, state())
+        if stop.requested:
+            path = path or self.save(step, state())
+            raise stop.interrupted(where, path)
+        fault_point("rlhf-step")
+
+
+__all__ = ["StageCheckpointer", "begin_run", "py_rng_from_json", "py_rng_to_json"]
