@@ -271,13 +271,22 @@ def _rlhf_world(argv: list[str]) -> int:
     return 0
 
 
+def _rank0() -> bool:
+    """False on torchrun ranks other than 0, which print nothing (rank 0 reports)."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
 def _rlhf_sft(argv: list[str]) -> int:
     import tyro
 
     from cliprail.rlhf.sft import SFTConfig, train_sft
 
     cfg = tyro.cli(SFTConfig, args=argv, prog="cliprail rlhf sft")
-    print(f"cliprail: SFT model written to {train_sft(cfg)}", file=sys.stderr)
+    out = train_sft(cfg)
+    if _rank0():
+        print(f"cliprail: SFT model written to {out}", file=sys.stderr)
     return 0
 
 
@@ -288,6 +297,8 @@ def _rlhf_reward(argv: list[str]) -> int:
 
     cfg = tyro.cli(RewardConfig, args=argv, prog="cliprail rlhf reward")
     metrics = train_reward(cfg)
+    if not _rank0():
+        return 0
     print(f"cliprail: reward model in {cfg.run_dir / 'model'}; held-out pairwise accuracy "
           f"{metrics['heldout_accuracy']:.3f}", file=sys.stderr)  # fmt: skip
     return 0
@@ -300,6 +311,8 @@ def _rlhf_ppo(argv: list[str]) -> int:
 
     cfg = tyro.cli(PPOConfig, args=argv, prog="cliprail rlhf ppo")
     fuse = train_ppo(cfg)
+    if not _rank0():
+        return 0
     if fuse["halted"]:
         print(f"cliprail: the safety fuse halted the run: {fuse['halted']}", file=sys.stderr)
     print(f"cliprail: best checkpoint {fuse['best_checkpoint']} (update {fuse['best_update']}, "
@@ -315,6 +328,8 @@ def _rlhf_dpo(argv: list[str]) -> int:
 
     cfg = tyro.cli(DPOConfig, args=argv, prog="cliprail rlhf dpo")
     metrics = train_dpo(cfg)
+    if not _rank0():
+        return 0
     print(f"cliprail: DPO policy in {cfg.run_dir / 'model'}; held-out implicit-reward accuracy "
           f"{metrics['heldout_implicit_accuracy']:.3f}", file=sys.stderr)  # fmt: skip
     return 0

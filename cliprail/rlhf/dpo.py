@@ -35,8 +35,10 @@ from cliprail.rlhf.models import (
     load_tokenizer,
     token_logprobs,
 )
+from cliprail.rlhf.parallel import DataParallel
 from cliprail.rlhf.resume import StageCheckpointer, begin_run
 from cliprail.rlhf.sampling import Sampling, evaluate_policy, load_requests
+from cliprail.scenarios.healthcare import Request
 
 
 @dataclass(frozen=True)
@@ -139,13 +141,24 @@ def implicit_accuracy(policy: torch.nn.Module, tok: Any, pairs: list[dict[str, A
 
 
 def train_dpo(cfg: DPOConfig) -> dict[str, Any]:
-    """Train with DPO; returns the metrics (also in <run_dir>/dpo_metrics.json)."""
+    """Train with DPO; returns the metrics (also in <run_dir>/dpo_metrics.json). Under torchrun
+    every rank trains on its share of each global batch (see :mod:`cliprail.rlhf.parallel`);
+    rank 0 runs the evaluations and saves."""
     pairs = load_preferences(cfg.data)
     held_requests = []
     if cfg.prompts is not None:
         held_requests = [r for r in load_requests(cfg.prompts) if r.split == "eval"]
         held_requests = held_requests[: cfg.eval_prompts]
-    begin_run(cfg.run_dir, cfg)
+    dp = DataParallel.from_env()
+    try:
+        return _train_dpo(cfg, pairs, held_requests, dp)
+    finally:
+        dp.close()
+
+
+def _train_dpo(cfg: DPOConfig, pairs: list[dict[str, Any]], held_requests: list[Request],
+               dp: DataParallel) -> dict[str, Any]:  # fmt: skip
+    dp.from_main(lambda: begin_run(cfg.run_dir, cfg))
     t0 = time.perf_counter()
     g = seed_all(cfg.seed)
     train, held = split_pairs(pairs, cfg.holdout, g)
@@ -159,29 +172,31 @@ def train_dpo(cfg: DPOConfig) -> dict[str, Any]:
         reward = ScalarHeadModel.load(cfg.reward_model, cfg.trust_remote_code).eval()
         shift = float(reward.meta(cfg.reward_model).get("shift", 0.0))
     cost = Cost("dpo")
-    ref_train = pair_logps(ref, tok, train, cfg, cost)
-    ref_held = pair_logps(ref, tok, held, cfg, cost)
+    # the reference pass over every pair, once; under torchrun shared out over the ranks
+    ref_train = dp.map_rows(lambda rows: pair_logps(ref, tok, rows, cfg, cost), train)
+    ref_held = dp.map_rows(lambda rows: pair_logps(ref, tok, rows, cfg, cost), held)
     opt = adamw(policy.parameters(), cfg.learning_rate)
-    shuffle = EpochShuffle(len(train), cfg.batch_size, g)
+    shuffle = EpochShuffle(len(train), cfg.batch_size * dp.world, g)  # global batches
     total = cfg.epochs * shuffle.steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / max(total, 1))
     evals: list[dict[str, Any]] = []
     sampling = Sampling(max_prompt_len=cfg.max_prompt_len)
     ckpt = StageCheckpointer(cfg.run_dir, cfg.checkpoint_every, {"policy": policy}, opt, sched,
-                             {"shuffle": g})  # fmt: skip
+                             {"shuffle": g}, dp=dp)  # fmt: skip
     start, elapsed = 0, 0.0
     if cfg.resume:  # the reference pass above is recomputed (same numbers), not re-counted
         _, state = ckpt.restore()
         start, elapsed, evals = state["step"], state["wall_s"], state["evals"]
         cost.load_state_dict(state["cost"])
         shuffle.load_state_dict(state["shuffle"])
+    train_policy = dp.wrap(policy)  # DDP after the restore: it starts from rank 0's weights
 
     def snapshot() -> dict[str, Any]:
         return {"wall_s": elapsed + time.perf_counter() - t0, "cost": cost.state_dict(),
                 "shuffle": shuffle.state_dict(), "evals": evals}  # fmt: skip
 
     def evaluate(epoch: int, step: int, log: MetricsLogger) -> None:
-        if not held_requests:
+        if not held_requests or not dp.is_main:  # rank 0 evaluates; nothing to agree on
             return
         ev = evaluate_policy(policy, ref, tok, held_requests, sampling, reward, shift)
         rec = {k: v for k, v in ev.items() if not isinstance(v, list)}
@@ -189,38 +204,43 @@ def train_dpo(cfg: DPOConfig) -> dict[str, Any]:
         evals.append(rec)
         log.log(step, {f"eval/{k}": v for k, v in rec.items()})
 
-    bar = Progress(total, "DPO", cfg.progress, completed=start)
-    with (
-        StopRequest() as stop,
-        MetricsLogger(
-            cfg.run_dir, tensorboard=True, resume_step=start if cfg.resume else None
-        ) as log,
-    ):
+    bar = Progress(total, "DPO", cfg.progress and dp.is_main, completed=start)
+    with StopRequest() as stop, MetricsLogger(
+        cfg.run_dir, tensorboard=True, resume_step=start if cfg.resume else None,
+        enabled=dp.is_main,
+    ) as log:  # fmt: skip
         if start == 0:
             evaluate(0, 0, log)
         for step in range(start, total):
-            epoch, idx = shuffle.indices(step)
+            epoch, global_idx = shuffle.indices(step)
+            idx, real = dp.shard(global_idx)
             b = _encode(tok, [train[i] for i in idx], cfg)
-            lp = sequence_logps(policy, b, average=cfg.loss_type == "ipo")  # (2n,)
+            lp = sequence_logps(train_policy, b, average=cfg.loss_type == "ipo")  # (2n,)
             n = len(idx)
             loss, stats = dpo_loss(
                 lp[:n], lp[n:], ref_train[idx, 0], ref_train[idx, 1], beta=cfg.beta,
                 loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing,
             )  # fmt: skip
+            scale = dp.loss_scale(n if real else 0)  # the global batch's mean
+            loss = loss * scale
             opt.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
             opt.step()
             sched.step()
             cost.add(forward=b.input_ids.numel(), backward=b.input_ids.numel())
-            row = {k: float(v) for k, v in stats.items()}
-            row.update(loss=loss.item(), grad_norm=float(grad_norm), epoch=epoch + 1)
+            row = {k: float(v) * scale for k, v in stats.items()}  # pair means: global ones
+            row.update(loss=loss.item())
+            row = dp.mean_stats(row)
+            row.update(grad_norm=float(grad_norm), epoch=epoch + 1)
             log.log(step + 1, row)
             bar.update(step + 1, f"loss {row['loss']:.3f}  acc {row['reward_accuracy']:.2f}")
             if (step + 1) % shuffle.steps_per_epoch == 0:  # the epoch's evaluation, then save
                 evaluate(epoch + 1, step + 1, log)
             ckpt.step_end(step + 1, stop, snapshot, f"after step {step + 1} of {total}")
         bar.close()
+        if not dp.is_main:
+            return {}
         metrics: dict[str, Any] = {
             "heldout_implicit_accuracy": implicit_accuracy(policy, tok, held, ref_held, cfg),
             "train_implicit_accuracy": implicit_accuracy(

@@ -42,6 +42,16 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> Any:
     )
 
 
+def tokenizer_from_json(text: str) -> Any:
+    """The tokenizer :func:`train_tokenizer` made, from its JSON (``backend_tokenizer.to_str()``):
+    how rank 0 hands a tokenizer it trained to the other ranks."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(text), eos_token=EOS,
+                                   bos_token=EOS, pad_token=PAD, padding_side="left")  # fmt: skip
+
+
 def tiny_gpt2(vocab_size: int, n_layer: int = 2, n_embd: int = 64, n_head: int = 4,
               n_positions: int = 256, seed: int = 0, eos_token_id: int = 0,
               pad_token_id: int = 1) -> nn.Module:  # fmt: skip
@@ -139,6 +149,11 @@ def check_vocab(tokenizer: Any, model: nn.Module, where: str) -> None:
         )
 
 
+def last_token_scores(values: Tensor, attention_mask: Tensor) -> Tensor:
+    """``(B,)`` the ``(B, L)`` per-position scalars at each sequence's last real token."""
+    return values.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1)
+
+
 class ScalarHeadModel(nn.Module):
     """A causal-LM trunk with a scalar head: one number per token (value model) or per sequence
     (reward model: the number at the last real token)."""
@@ -165,8 +180,7 @@ class ScalarHeadModel(nn.Module):
 
     def score(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """``(B,)`` the scalar at each sequence's last real token."""
-        values = self(input_ids, attention_mask)
-        return values.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1)
+        return last_token_scores(self(input_ids, attention_mask), attention_mask)
 
     def save(self, path: Path, extra: dict[str, Any] | None = None) -> None:
         path.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,7 @@ import dataclasses
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -49,6 +50,7 @@ from cliprail.rlhf.models import (
     response_logprobs,
     token_logprobs,
 )
+from cliprail.rlhf.parallel import DataParallel
 from cliprail.rlhf.resume import StageCheckpointer, begin_run
 from cliprail.rlhf.sampling import Sampling, load_requests, sample, score
 from cliprail.rlhf.sampling import evaluate_policy as evaluate
@@ -178,6 +180,11 @@ class Models:
     reward: ScalarHeadModel
     reward_shift: float = 0.0
     cost: Cost = field(default_factory=lambda: Cost("ppo"))
+    dp: DataParallel = field(default_factory=lambda: DataParallel(None))
+    train_policy: torch.nn.Module | None = None
+    """The policy as the loss calls it: under DDP under torchrun, else ``policy`` itself."""
+    train_value: torch.nn.Module | None = None
+    """The value model as the loss calls it (DDP under torchrun)."""
 
 
 def load_models(cfg: PPOConfig) -> Models:
@@ -239,15 +246,19 @@ def token_rewards(ro: Rollout, beta: float, estimator: str) -> tuple[Tensor, Ten
     return rewards, kl
 
 
-def advantages_and_returns(ro: Rollout, rewards: Tensor, cfg: PPOConfig) -> tuple[Tensor, Tensor]:
-    """GAE over response tokens ``(B, Lr)``: the episode ends at the last real token."""
+def advantages_and_returns(
+    ro: Rollout, rewards: Tensor, cfg: PPOConfig,
+    whiten: Callable[[Tensor, Tensor], Tensor] = masked_whiten,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """GAE over response tokens ``(B, Lr)``: the episode ends at the last real token. The
+    advantages are whitened by ``whiten`` (under torchrun: over the global batch)."""
     mask = ro.response_mask.bool()
     next_values = torch.cat([ro.values[:, 1:], torch.zeros_like(ro.values[:, :1])], 1)
     terminated = torch.zeros_like(mask)
     terminated[torch.arange(mask.shape[0]), last_token_index(ro.response_mask)] = True
     adv, ret = gae(rewards, ro.values, next_values, terminated, None, gamma=cfg.gamma,
                    lam=cfg.lam, mask=mask, time_dim=1)  # fmt: skip
-    return masked_whiten(adv, mask), ret  # whitened over the whole batch
+    return whiten(adv, mask), ret  # whitened over the whole batch
 
 
 def drop_nonfinite(ro: Rollout) -> tuple[Rollout, int]:
@@ -301,11 +312,12 @@ def ppo_step(m: Models, cfg: PPOConfig, ro: Rollout, optimizer: torch.optim.Opti
     ``nonfinite_responses``; when every response is, the update is skipped (``skipped_update``).
     """
     ro, dropped = drop_nonfinite(ro)
-    if dropped == ro.scores.shape[0]:
+    dp = m.dp
+    if dp.any(dropped == ro.scores.shape[0]):  # under torchrun: every rank skips together
         return {"nonfinite_responses": float(dropped), "skipped_update": 1.0,
                 "optimizer_steps": 0.0, "kl_beta": kl_ctl.beta}  # fmt: skip
     rewards, kl = token_rewards(ro, kl_ctl.beta, cfg.kl_estimator)
-    advantages, returns = advantages_and_returns(ro, rewards, cfg)
+    advantages, returns = advantages_and_returns(ro, rewards, cfg, dp.whiten)
     batch = {"input_ids": ro.input_ids, "attention_mask": ro.attention_mask,
              "response_mask": ro.response_mask, "logprobs": ro.logprobs, "values": ro.values,
              "advantages": advantages, "returns": returns}  # fmt: skip
@@ -315,15 +327,19 @@ def ppo_step(m: Models, cfg: PPOConfig, ro: Rollout, optimizer: torch.optim.Opti
         mb, lq = trim_padding(mb, Lq)
         mask = mb["response_mask"]
         m.cost.add(forward=2 * mb["input_ids"].numel(), backward=2 * mb["input_ids"].numel())
-        logprobs, entropy = response_logprobs(m.policy, mb["input_ids"], mb["attention_mask"],
+        policy, value = m.train_policy or m.policy, m.train_value or m.value
+        logprobs, entropy = response_logprobs(policy, mb["input_ids"], mb["attention_mask"],
                                               lq, cfg.temperature)  # fmt: skip
         pg_loss, stats = clipped_surrogate(logprobs, mb["logprobs"], mb["advantages"], mask,
                                            clip_range=cfg.clip_range)  # fmt: skip
-        values = values_of(m.value, mb["input_ids"], mb["attention_mask"], lq)
+        values = values_of(value, mb["input_ids"], mb["attention_mask"], lq)  # type: ignore[arg-type]
         v_loss, v_stats = value_loss(values, mb["values"], mb["returns"], mask,
                                      clip_range=cfg.clip_range_vf)  # fmt: skip
         ent, e_stats = entropy_bonus(entropy if cfg.ent_coef else entropy.detach(), mask)
         loss = pg_loss + cfg.vf_coef * v_loss - cfg.ent_coef * ent
+        # token means of this minibatch -> its share of the global minibatch's token mean (DDP
+        # averages the gradients over ranks); 1.0 for one process
+        loss = loss * dp.loss_scale(float(mask.sum()))
         stats.update(v_stats)
         stats.update(e_stats)
         stats["policy_loss"], stats["value_loss"] = pg_loss.detach(), v_loss.detach()
@@ -332,19 +348,23 @@ def ppo_step(m: Models, cfg: PPOConfig, ro: Rollout, optimizer: torch.optim.Opti
     params = [p for p in [*m.policy.parameters(), *m.value.parameters()] if p.requires_grad]
     result = ppo_update(loss_fn, optimizer, params, batch, minibatch_size=cfg.minibatch_size,
                         epochs=cfg.epochs, max_grad_norm=cfg.max_grad_norm,
-                        target_kl=cfg.target_kl, generator=g)  # fmt: skip
-    seq_kl = kl.sum(1).mean().item()  # nats per response
+                        target_kl=cfg.target_kl, generator=g,
+                        sync=dp.update_sync())  # fmt: skip
     stats = dict(result.stats)
     stats.update(
-        score=ro.scores.mean().item(), kl_ref=seq_kl, kl_beta=kl_ctl.beta,
+        score=ro.scores.mean().item(), kl_ref=kl.sum(1).mean().item(),  # nats per response
         response_length=ro.response_mask.sum(1).float().mean().item(),
-        optimizer_steps=result.optimizer_steps, early_stopped=int(result.early_stopped),
-        nonfinite_responses=float(dropped), skipped_update=0.0,
-        skipped_nonfinite=result.skipped_nonfinite,
+        nonfinite_responses=float(dropped),
         no_eos_rate=float((ro.scores == cfg.no_eos_penalty).float().mean())
         if cfg.no_eos_penalty is not None else 0.0,
     )  # fmt: skip
-    kl_ctl.update(seq_kl, n_steps=ro.input_ids.shape[0])
+    stats = dp.mean_stats(stats)  # under torchrun: over ranks (equal per-rank batches)
+    if dp.world > 1:
+        stats["nonfinite_responses"] *= dp.world  # a count: the sum over ranks
+    stats.update(kl_beta=kl_ctl.beta, optimizer_steps=result.optimizer_steps,
+                 early_stopped=int(result.early_stopped), skipped_update=0.0,
+                 skipped_nonfinite=result.skipped_nonfinite)  # agreed across ranks  # fmt: skip
+    kl_ctl.update(stats["kl_ref"], n_steps=ro.input_ids.shape[0] * dp.world)
     return stats
 
 
@@ -357,29 +377,47 @@ def evaluate_policy(m: Models, cfg: PPOConfig, requests: list[Request],
 
 
 def train_ppo(cfg: PPOConfig) -> dict[str, Any]:
-    """Run PPO with the fuse; returns a summary (also written to <run_dir>/fuse.json)."""
+    """Run PPO with the fuse; returns a summary (also written to <run_dir>/fuse.json).
+
+    Under torchrun (see :mod:`cliprail.rlhf.parallel`) ``--batch-size`` prompts are rolled out
+    on every rank (a share of one global sample), ``--total-episodes`` counts all ranks', the
+    policy and value train under DDP, and rank 0 runs the fuse and writes the run folder."""
     requests = load_requests(cfg.prompts)
     train = [r for r in requests if r.split == "train"]
     held = [r for r in requests if r.split == "eval"][: cfg.eval_prompts]
     red = [r for r in requests if r.split == "redteam"][: cfg.eval_prompts]
     if not train:
         raise DataError(f"{cfg.prompts}: no requests with split 'train'")
-    begin_run(cfg.run_dir, cfg)
+    dp = DataParallel.from_env()
+    try:
+        return _train_ppo(cfg, train, held, red, dp)
+    finally:
+        dp.close()
+
+
+def _train_ppo(cfg: PPOConfig, train: list[Request], held: list[Request], red: list[Request],
+               dp: DataParallel) -> dict[str, Any]:  # fmt: skip
+    dp.from_main(lambda: begin_run(cfg.run_dir, cfg))
     g = seed_all(cfg.seed)
+    if dp.rank:  # each rank samples its own tokens (rank 0: the single-process stream)
+        g.manual_seed(cfg.seed + dp.rank)
     m = load_models(cfg)
+    m.dp = dp
     params = [p for p in [*m.policy.parameters(), *m.value.parameters()] if p.requires_grad]
     optimizer = adamw(params, cfg.learning_rate)
     kl_ctl: FixedKLController | ZieglerKLController = (
         ZieglerKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
         else FixedKLController(cfg.kl_coef)
     )  # fmt: skip
-    n_updates = max(1, cfg.total_episodes // cfg.batch_size)
+    global_batch = cfg.batch_size * dp.world
+    n_updates = max(1, cfg.total_episodes // global_batch)
     rng = random.Random(cfg.seed)
     fuse: dict[str, Any] = {"evals": [], "best_update": 0, "best_gold": -math.inf,
                             "halted": None}  # fmt: skip
     ckpt = StageCheckpointer(cfg.run_dir, cfg.checkpoint_every,
                              {"policy": m.policy, "value": m.value}, optimizer,
-                             generators={"sampling": g}, rngs={"prompts": rng})  # fmt: skip
+                             generators={"sampling": g}, rngs={"prompts": rng},
+                             dp=dp)  # fmt: skip
     start, elapsed, skipped_in_row = 0, 0.0, 0
     if cfg.resume:  # the reference is the SFT model as loaded above, before this restore
         _, state = ckpt.restore()
@@ -387,7 +425,8 @@ def train_ppo(cfg: PPOConfig) -> dict[str, Any]:
         skipped_in_row = state["skipped_in_row"]
         kl_ctl.load_state_dict(state["kl_controller"])
         m.cost.load_state_dict(state["cost"])
-    bar = Progress(n_updates, "PPO", cfg.progress, completed=start)
+    m.train_policy, m.train_value = dp.wrap(m.policy), dp.wrap(m.value)  # after the restore
+    bar = Progress(n_updates, "PPO", cfg.progress and dp.is_main, completed=start)
     t0 = time.perf_counter()
 
     def snapshot() -> dict[str, Any]:
@@ -403,7 +442,7 @@ def train_ppo(cfg: PPOConfig) -> dict[str, Any]:
             rec.update({f"redteam_{k}": v for k, v in rt.items() if not isinstance(v, list)})
         rec["update"] = update
         fuse["evals"].append(rec)
-        log.log(update * cfg.batch_size, {f"eval/{k}": v for k, v in rec.items()})
+        log.log(update * global_batch, {f"eval/{k}": v for k, v in rec.items()})
         if rec["gold"] > fuse["best_gold"]:
             fuse["best_gold"], fuse["best_update"] = rec["gold"], update
             save_policy(m, cfg.run_dir / "best")
@@ -423,18 +462,24 @@ def train_ppo(cfg: PPOConfig) -> dict[str, Any]:
             return True
         return False
 
+    def fuse_halts(update: int, log: MetricsLogger) -> bool:
+        """The fuse on rank 0 (the others wait for its decision)."""
+        return dp.from_main(lambda: run_fuse(update, log))
+
     with (
         StopRequest() as stop,
         MetricsLogger(
             cfg.run_dir,
             tensorboard=True,
-            resume_step=start * cfg.batch_size if cfg.resume else None,
+            resume_step=start * global_batch if cfg.resume else None,
+            enabled=dp.is_main,
         ) as log,
     ):
         if cfg.eval_every and start == 0:
-            run_fuse(0, log)
+            fuse_halts(0, log)
         for update in range(start + 1, n_updates + 1):
-            prompts = [r.prompt for r in rng.sample(train, min(cfg.batch_size, len(train)))]
+            sampled = rng.sample(train, min(global_batch, len(train)))  # the same on every rank
+            prompts = [r.prompt for r in dp.shard(sampled)[0]]
             ro = rollout(m, cfg, prompts, g)
             stats = ppo_step(m, cfg, ro, optimizer, kl_ctl, g)
             skipped_in_row = skipped_in_row + 1 if stats["skipped_update"] else 0
@@ -444,19 +489,21 @@ def train_ppo(cfg: PPOConfig) -> dict[str, Any]:
                     f"updates in a row (update {update}): is the reward model broken? Nothing "
                     f"was applied from them; the best fuse checkpoint is {cfg.run_dir / 'best'}"
                 )
-            stats["episodes"] = update * cfg.batch_size
-            stats["episodes_per_s"] = (update - start) * cfg.batch_size / (time.perf_counter() - t0)
-            log.log(update * cfg.batch_size, stats)
+            stats["episodes"] = update * global_batch
+            stats["episodes_per_s"] = (update - start) * global_batch / (time.perf_counter() - t0)
+            log.log(update * global_batch, stats)
             bar.update(
                 update,
                 f"score {stats.get('score', float('nan')):+.2f}  "
                 f"KL {stats.get('kl_ref', float('nan')):.2f}",
             )
-            halt = bool(cfg.eval_every and update % cfg.eval_every == 0 and run_fuse(update, log))
+            halt = bool(cfg.eval_every and update % cfg.eval_every == 0 and fuse_halts(update, log))
             if halt:
                 break
             ckpt.step_end(update, stop, snapshot, f"after update {update} of {n_updates}")
     bar.close()
+    if not dp.is_main:
+        return fuse
     save_policy(m, cfg.run_dir / "policy")
     fuse["best_checkpoint"] = str(cfg.run_dir / "best") if cfg.eval_every else None
     fuse["wall_s"] = m.cost.wall_s = elapsed + time.perf_counter() - t0

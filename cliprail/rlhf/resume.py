@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import random
+import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from cliprail.configio import config_to_dict
 from cliprail.errors import CheckpointError, ConfigError, RunDirError
 from cliprail.interrupt import StopRequest, fault_point
 from cliprail.rlhf.common import start_run
+from cliprail.rlhf.parallel import DataParallel
 
 # Config fields a --resume may change: they do not touch what is computed.
 RESUMABLE_OVERRIDES = frozenset({"resume", "progress", "checkpoint_every"})
@@ -80,6 +82,10 @@ class StageCheckpointer:
         scheduler: its learning-rate schedule, if any.
         generators: name -> ``torch.Generator`` the stage draws from.
         rngs: name -> ``random.Random`` the stage draws from.
+        dp: the torchrun job, if any: :meth:`save` is then a collective that gathers every
+            rank's RNG states to rank 0, which alone writes (rank r's under ``.rank{r}`` names
+            and ``state["ranks"]``); :meth:`restore` reads on rank 0 and broadcasts, and needs
+            the world size the checkpoint was written with.
     """
 
     def __init__(
@@ -91,6 +97,7 @@ class StageCheckpointer:
         scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
         generators: dict[str, torch.Generator] | None = None,
         rngs: dict[str, random.Random] | None = None,
+        dp: DataParallel | None = None,
     ) -> None:
         self.root = run_dir / CHECKPOINTS
         self.every = every
@@ -99,36 +106,58 @@ class StageCheckpointer:
         self.scheduler = scheduler
         self.generators = generators or {}
         self.rngs = rngs or {}
+        self.dp = dp or DataParallel(None)
         self.last_saved: int | None = None
 
-    def save(self, step: int, state: dict[str, Any]) -> Path:
-        """Checkpoint ``step`` with the stage's JSON ``state``; returns the folder."""
-        tensors: dict[str, dict[str, torch.Tensor]] = {
-            name: dict(m.state_dict()) for name, m in self.modules.items()
-        }
-        tensors["rng"] = {
-            "torch": torch.get_rng_state(),
-            **{f"gen.{k}": g.get_state() for k, g in self.generators.items()},
-        }
+    def _rng_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """This rank's RNG states: (tensors, JSON)."""
+        tensors = {"torch": torch.get_rng_state(),
+                   **{f"gen.{k}": g.get_state() for k, g in self.generators.items()}}  # fmt: skip
         np_state: Any = np.random.get_state()
-        full = {
-            **state,
-            "step": step,
+        return tensors, {
             "python_rng": py_rng_to_json(random.getstate()),
             "numpy_rng": [np_state[0], np_state[1].tolist(), *np_state[2:]],
             "rngs": {k: py_rng_to_json(r.getstate()) for k, r in self.rngs.items()},
         }
+
+    def save(self, step: int, state: dict[str, Any]) -> Path | None:
+        """Checkpoint ``step`` with the stage's JSON ``state``; returns the folder (None on
+        ranks other than 0). A collective under torchrun."""
+        ranks = self.dp.gather(self._rng_state())
+        self.last_saved = step
+        if not self.dp.is_main:
+            return None
+        tensors: dict[str, dict[str, torch.Tensor]] = {
+            name: dict(m.state_dict()) for name, m in self.modules.items()
+        }
+        rng_tensors, rng_json = ranks[0]
+        full = {**state, "step": step, "world_size": self.dp.world, **rng_json}
+        for r, (t, j) in enumerate(ranks[1:], start=1):
+            rng_tensors.update({f"{k}.rank{r}": v for k, v in t.items()})
+            full.setdefault("ranks", {})[str(r)] = j
+        tensors["rng"] = rng_tensors
         opt = {"optimizer": self.optimizer.state_dict(),
                "scheduler": self.scheduler.state_dict() if self.scheduler else None}  # fmt: skip
-        path = save_checkpoint(self.root, f"step_{step:08d}", tensors, full, opt, keep_last=2)
-        self.last_saved = step
-        return path
+        return save_checkpoint(self.root, f"step_{step:08d}", tensors, full, opt, keep_last=2)
 
     def restore(self) -> tuple[Path, dict[str, Any]]:
         """Load the latest valid checkpoint into the modules, optimizer and RNGs; returns its
-        folder and its state (``state["step"]`` is the step to continue after)."""
-        path = latest_checkpoint(self.root)
-        tensors, state, opt = load_checkpoint(path)
+        folder and its state (``state["step"]`` is the step to continue after). Under torchrun
+        rank 0 reads it and every rank restores its own RNG states from it."""
+
+        def read() -> tuple[Path, Any]:
+            path = latest_checkpoint(self.root)
+            return path, load_checkpoint(path)
+
+        path, (tensors, state, opt) = self.dp.from_main(read)
+        saved_world = int(state.get("world_size", 1))
+        if saved_world != self.dp.world:
+            raise ConfigError(f"{path}: written by {saved_world} process(es), this run has "
+                              f"{self.dp.world}; every rank's RNG state is saved, so resume "
+                              f"with --nproc_per_node={saved_world} (or without torchrun "
+                              "for 1)")  # fmt: skip
+        sfx = f".rank{self.dp.rank}" if self.dp.rank else ""  # rank 0: the 1-process names
+        own = state["ranks"][str(self.dp.rank)] if self.dp.rank else state
         try:
             for name, m in self.modules.items():
                 m.load_state_dict(tensors[name])
@@ -136,14 +165,14 @@ class StageCheckpointer:
             if self.scheduler is not None:
                 self.scheduler.load_state_dict(opt["scheduler"])
             rng = tensors["rng"]
-            torch.set_rng_state(rng["torch"])
+            torch.set_rng_state(rng[f"torch{sfx}"])
             for k, g in self.generators.items():
-                g.set_state(rng[f"gen.{k}"])
-            random.setstate(py_rng_from_json(state["python_rng"]))
-            s = state["numpy_rng"]
+                g.set_state(rng[f"gen.{k}{sfx}"])
+            random.setstate(py_rng_from_json(own["python_rng"]))
+            s = own["numpy_rng"]
             np.random.set_state((s[0], np.asarray(s[1], dtype=np.uint32), *s[2:]))
             for k, r in self.rngs.items():
-                r.setstate(py_rng_from_json(state["rngs"][k]))
+                r.setstate(py_rng_from_json(own["rngs"][k]))
         except (KeyError, RuntimeError, ValueError, TypeError) as exc:
             raise CheckpointError(f"{path}: does not fit this stage's models ({exc})") from None
         self.last_saved = int(state["step"])
@@ -153,13 +182,17 @@ class StageCheckpointer:
         self, step: int, stop: StopRequest, state: Callable[[], dict[str, Any]], where: str
     ) -> None:
         """After step ``step``: save if it is due or a signal asked to stop (then raise
-        :class:`~cliprail.interrupt.Interrupted`)."""
+        :class:`~cliprail.interrupt.Interrupted`). Under torchrun a signal on any rank stops
+        every rank (one small all-reduce a step)."""
         path = None
         if self.every and step % self.every == 0:
             path = self.save(step, state())
-        if stop.requested:
-            path = path or self.save(step, state())
-            raise stop.interrupted(where, path)
+        if self.dp.any(stop.requested):
+            if self.last_saved != step:
+                path = self.save(step, state())
+            if stop.signum is None:  # another rank got the signal
+                stop.signum = signal.SIGTERM
+            raise stop.interrupted(where, path or self.root)
         fault_point("rlhf-step")
 
 

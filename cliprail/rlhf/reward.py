@@ -21,7 +21,14 @@ from cliprail.interrupt import StopRequest
 from cliprail.monitor import MetricsLogger, Progress
 from cliprail.rlhf.common import Cost, EpochShuffle, adamw, seed_all, split_pairs
 from cliprail.rlhf.data import encode_pairs, load_preferences, read_jsonl
-from cliprail.rlhf.models import ScalarHeadModel, check_vocab, load_causal_lm, load_tokenizer
+from cliprail.rlhf.models import (
+    ScalarHeadModel,
+    check_vocab,
+    last_token_scores,
+    load_causal_lm,
+    load_tokenizer,
+)
+from cliprail.rlhf.parallel import DataParallel
 from cliprail.rlhf.resume import StageCheckpointer, begin_run
 
 
@@ -105,9 +112,20 @@ def accuracy(
 
 
 def train_reward(cfg: RewardConfig) -> dict[str, Any]:
-    """Train, evaluate and save the reward model; returns its metrics."""
+    """Train, evaluate and save the reward model; returns its metrics. Under torchrun every
+    rank trains on its share of each global batch (see :mod:`cliprail.rlhf.parallel`) and rank
+    0 evaluates and saves."""
     pairs = load_preferences(cfg.data)
-    begin_run(cfg.run_dir, cfg)
+    dp = DataParallel.from_env()
+    try:
+        return _train_reward(cfg, pairs, dp)
+    finally:
+        dp.close()
+
+
+def _train_reward(cfg: RewardConfig, pairs: list[dict[str, Any]], dp: DataParallel
+                  ) -> dict[str, Any]:  # fmt: skip
+    dp.from_main(lambda: begin_run(cfg.run_dir, cfg))
     t0 = time.perf_counter()
     cost = Cost("reward")
     g = seed_all(cfg.seed)
@@ -117,65 +135,80 @@ def train_reward(cfg: RewardConfig) -> dict[str, Any]:
     rm = ScalarHeadModel.from_causal_lm(lm)
     train, held = split_pairs(pairs, cfg.holdout, g)
     opt = adamw(rm.parameters(), cfg.learning_rate)
-    shuffle = EpochShuffle(len(train), cfg.batch_size, g)
+    shuffle = EpochShuffle(len(train), cfg.batch_size * dp.world, g)  # global batches
     total = cfg.epochs * shuffle.steps_per_epoch
     ckpt = StageCheckpointer(cfg.run_dir, cfg.checkpoint_every, {"model": rm}, opt,
-                             generators={"shuffle": g})  # fmt: skip
+                             generators={"shuffle": g}, dp=dp)  # fmt: skip
     start, elapsed = 0, 0.0
     if cfg.resume:
         _, state = ckpt.restore()
         start, elapsed = state["step"], state["wall_s"]
         cost.load_state_dict(state["cost"])
         shuffle.load_state_dict(state["shuffle"])
+    train_rm = dp.wrap(rm)  # DDP after the restore: it starts from rank 0's weights
 
     def snapshot() -> dict[str, Any]:
         return {"wall_s": elapsed + time.perf_counter() - t0, "cost": cost.state_dict(),
                 "shuffle": shuffle.state_dict()}  # fmt: skip
 
-    bar = Progress(total, "reward model", cfg.progress, completed=start)
-    with (
-        StopRequest() as stop,
-        MetricsLogger(
-            cfg.run_dir, tensorboard=False, resume_step=start if cfg.resume else None
-        ) as log,
-    ):
+    bar = Progress(total, "reward model", cfg.progress and dp.is_main, completed=start)
+    with StopRequest() as stop, MetricsLogger(
+        cfg.run_dir, tensorboard=False, resume_step=start if cfg.resume else None,
+        enabled=dp.is_main,
+    ) as log:  # fmt: skip
         rm.train()
         for step in range(start, total):
-            _, idx = shuffle.indices(step)
+            _, global_idx = shuffle.indices(step)
+            idx, real = dp.shard(global_idx)
             chunk = [train[i] for i in idx]
             prompts = [p["prompt"] for p in chunk]
             # chosen and rejected in one forward: (2B,) scores
             b = encode_pairs(tok, prompts + prompts, [p["chosen"] for p in chunk]
                              + [p["rejected"] for p in chunk], cfg.max_prompt_len,
                              cfg.max_response_len)  # fmt: skip
-            s = rm.score(b.input_ids, b.attention_mask)
+            s = last_token_scores(train_rm(b.input_ids, b.attention_mask), b.attention_mask)
             margin = s[: len(chunk)] - s[len(chunk) :]
-            loss = -F.logsigmoid(margin).mean()  # Bradley-Terry
+            scale = dp.loss_scale(len(chunk) if real else 0)  # the global batch's mean
+            loss = -F.logsigmoid(margin).mean() * scale  # Bradley-Terry
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(rm.parameters(), 1.0)
             opt.step()
             cost.add(forward=b.input_ids.numel(), backward=b.input_ids.numel())
-            log.log(step + 1, {"loss": loss.item(), "accuracy": float((margin > 0).float().mean())})
-            bar.update(step + 1, f"loss {loss.item():.3f}")
+            row = dp.mean_stats({"loss": loss.item(), "accuracy": float(
+                (margin > 0).float().mean()) * scale})  # fmt: skip
+            log.log(step + 1, row)
+            bar.update(step + 1, f"loss {row['loss']:.3f}")
             ckpt.step_end(step + 1, stop, snapshot, f"after step {step + 1} of {total}")
         bar.close()
-        metrics = {"heldout_accuracy": accuracy(rm, tok, held, cfg),
-                   "train_accuracy": accuracy(rm, tok, train[:500], cfg),
-                   "pairs_train": len(train), "pairs_heldout": len(held)}  # fmt: skip
-        shift = 0.0
-        if cfg.demonstrations is not None:
-            demos = read_jsonl(cfg.demonstrations, ("prompt", "response"))[:512]
-            scores = score_all(rm, tok, [d["prompt"] for d in demos],
-                               [d["response"] for d in demos], cfg)  # fmt: skip
-            shift = float(scores.mean())
-        metrics["reward_shift"] = shift
-        log.log(total + 1, metrics)
+        if dp.is_main:  # rank 0 evaluates and saves; the others are done
+            metrics = _finish(rm, tok, train, held, cfg)
+            log.log(total + 1, metrics)
+    if not dp.is_main:
+        return {}
     out = cfg.run_dir / "model"
     with atomic_dir(out) as tmp:
-        rm.save(tmp, {"shift": shift, **metrics})
+        rm.save(tmp, {"shift": metrics["reward_shift"], **metrics})
         tok.save_pretrained(str(tmp))
     cost.wall_s = elapsed + time.perf_counter() - t0
     atomic_write_json(cfg.run_dir / "reward_metrics.json", metrics)
     cost.write(cfg.run_dir, model=str(out))  # last: a run with stage.json is finished
+    return metrics
+
+
+def _finish(rm: ScalarHeadModel, tok: Any, train: list[dict[str, Any]],
+            held: list[dict[str, Any]], cfg: RewardConfig) -> dict[str, Any]:  # fmt: skip
+    """Held-out and train accuracy, and the shift that makes the demonstrations average 0."""
+    metrics: dict[str, Any] = {
+        "heldout_accuracy": accuracy(rm, tok, held, cfg),
+        "train_accuracy": accuracy(rm, tok, train[:500], cfg),
+        "pairs_train": len(train), "pairs_heldout": len(held),
+    }  # fmt: skip
+    shift = 0.0
+    if cfg.demonstrations is not None:
+        demos = read_jsonl(cfg.demonstrations, ("prompt", "response"))[:512]
+        scores = score_all(rm, tok, [d["prompt"] for d in demos],
+                           [d["response"] for d in demos], cfg)  # fmt: skip
+        shift = float(scores.mean())
+    metrics["reward_shift"] = shift
     return metrics

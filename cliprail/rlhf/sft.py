@@ -26,8 +26,10 @@ from cliprail.rlhf.models import (
     load_tokenizer,
     tiny_gpt2,
     token_logprobs,
+    tokenizer_from_json,
     train_tokenizer,
 )
+from cliprail.rlhf.parallel import DataParallel
 from cliprail.rlhf.resume import StageCheckpointer, begin_run
 
 
@@ -91,21 +93,34 @@ class SFTConfig:
 
 
 def train_sft(cfg: SFTConfig) -> Path:
-    """Run SFT; returns the folder of the fine-tuned model (with its tokenizer)."""
+    """Run SFT; returns the folder of the fine-tuned model (with its tokenizer). Under torchrun
+    every rank trains on its share of each global batch (see :mod:`cliprail.rlhf.parallel`)."""
     demos = read_jsonl(cfg.data, ("prompt", "response"))
-    begin_run(cfg.run_dir, cfg)
+    dp = DataParallel.from_env()
+    try:
+        return _train_sft(cfg, demos, dp)
+    finally:
+        dp.close()
+
+
+def _train_sft(cfg: SFTConfig, demos: list[dict[str, Any]], dp: DataParallel) -> Path:
+    dp.from_main(lambda: begin_run(cfg.run_dir, cfg))
     t0 = time.perf_counter()
     cost = Cost("sft")
     g = seed_all(cfg.seed)
     tok_dir = cfg.run_dir / "tokenizer"  # a trained tokenizer is kept, so --resume reuses it
     if cfg.model is None:
-        if cfg.resume and tok_dir.is_dir():
-            tokenizer = load_tokenizer(tok_dir)
-        else:
+
+        def tokenizer_json() -> str:  # rank 0 trains (or reloads) it; the others get its JSON
+            if cfg.resume and tok_dir.is_dir():
+                return str(load_tokenizer(tok_dir).backend_tokenizer.to_str())
             texts = [d["prompt"] for d in demos] + [d["response"] for d in demos]
-            tokenizer = train_tokenizer(texts, cfg.vocab_size)
+            trained = train_tokenizer(texts, cfg.vocab_size)
             with atomic_dir(tok_dir) as tmp:
-                tokenizer.save_pretrained(str(tmp))
+                trained.save_pretrained(str(tmp))
+            return str(trained.backend_tokenizer.to_str())
+
+        tokenizer = tokenizer_from_json(dp.from_main(tokenizer_json))
         model = tiny_gpt2(len(tokenizer), cfg.n_layer, cfg.n_embd, cfg.n_head, seed=cfg.seed,
                           eos_token_id=tokenizer.eos_token_id,
                           pad_token_id=tokenizer.pad_token_id)  # fmt: skip
@@ -115,50 +130,54 @@ def train_sft(cfg: SFTConfig) -> Path:
         check_vocab(tokenizer, model, str(cfg.model))
     model.train()
     opt = adamw(model.parameters(), cfg.learning_rate)
-    total = cfg.epochs * -(-len(demos) // cfg.batch_size)
+    shuffle = EpochShuffle(len(demos), cfg.batch_size * dp.world, g)  # global batches
+    total = cfg.epochs * shuffle.steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / max(total, 1))
-    shuffle = EpochShuffle(len(demos), cfg.batch_size, g)
     ckpt = StageCheckpointer(cfg.run_dir, cfg.checkpoint_every, {"model": model}, opt, sched,
-                             {"shuffle": g})  # fmt: skip
+                             {"shuffle": g}, dp=dp)  # fmt: skip
     start, elapsed = 0, 0.0
     if cfg.resume:
         _, state = ckpt.restore()
         start, elapsed = state["step"], state["wall_s"]
         cost.load_state_dict(state["cost"])
         shuffle.load_state_dict(state["shuffle"])
+    train_model = dp.wrap(model)  # DDP after the restore: it starts from rank 0's weights
 
     def snapshot() -> dict[str, Any]:
         return {"wall_s": elapsed + time.perf_counter() - t0, "cost": cost.state_dict(),
                 "shuffle": shuffle.state_dict()}  # fmt: skip
 
-    bar = Progress(total, "SFT", cfg.progress, completed=start)
-    with (
-        StopRequest() as stop,
-        MetricsLogger(
-            cfg.run_dir, tensorboard=False, resume_step=start if cfg.resume else None
-        ) as log,
-    ):
+    bar = Progress(total, "SFT", cfg.progress and dp.is_main, completed=start)
+    with StopRequest() as stop, MetricsLogger(
+        cfg.run_dir, tensorboard=False, resume_step=start if cfg.resume else None,
+        enabled=dp.is_main,
+    ) as log:  # fmt: skip
         for step in range(start, total):
-            epoch, idx = shuffle.indices(step)
+            epoch, global_idx = shuffle.indices(step)
+            idx, real = dp.shard(global_idx)
             b = encode_pairs(tokenizer, [demos[i]["prompt"] for i in idx],
                              [demos[i]["response"] for i in idx], cfg.max_prompt_len,
                              cfg.max_response_len)  # fmt: skip
-            logprobs = token_logprobs(model, b.input_ids, b.attention_mask, b.query_len)
-            loss = -masked_mean(logprobs, b.response_mask)  # response tokens only
+            logprobs = token_logprobs(train_model, b.input_ids, b.attention_mask, b.query_len)
+            count = b.response_mask.sum() if real else torch.zeros(())
+            # the mean over response tokens only; under torchrun over the global batch's tokens
+            loss = -masked_mean(logprobs, b.response_mask) * dp.loss_scale(float(count))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             sched.step()
             cost.add(forward=b.input_ids.numel(), backward=b.input_ids.numel())
-            log.log(step + 1, {"loss": loss.item(), "epoch": epoch})
-            bar.update(step + 1, f"loss {loss.item():.3f}")
+            row = dp.mean_stats({"loss": loss.item()})
+            log.log(step + 1, {**row, "epoch": epoch})
+            bar.update(step + 1, f"loss {row['loss']:.3f}")
             ckpt.step_end(step + 1, stop, snapshot, f"after step {step + 1} of {total}")
     bar.close()
     out = cfg.run_dir / "model"
-    with atomic_dir(out) as tmp:
-        model.save_pretrained(str(tmp))  # type: ignore[operator]
-        tokenizer.save_pretrained(str(tmp))
-    cost.wall_s = elapsed + time.perf_counter() - t0
-    cost.write(cfg.run_dir, policy=str(out))  # last: a run with stage.json is finished
+    if dp.is_main:
+        with atomic_dir(out) as tmp:
+            model.save_pretrained(str(tmp))  # type: ignore[operator]
+            tokenizer.save_pretrained(str(tmp))
+        cost.wall_s = elapsed + time.perf_counter() - t0
+        cost.write(cfg.run_dir, policy=str(out))  # last: a run with stage.json is finished
     return out
