@@ -137,6 +137,16 @@ class DataParallel:
             return None
         return UpdateSync(average_gradients=lambda grads: None, mean=self.dist.mean)
 
+    def check_same(self, modules: list[torch.nn.Module]) -> None:
+        """Raise unless the parameters of ``modules`` are bitwise equal on every rank (a guard
+        at each checkpoint: data-parallel replicas must never drift). A collective."""
+        if self.dist is None:
+            return
+        flat = torch.cat([p.detach().reshape(-1).float() for m in modules
+                          for p in m.parameters()])  # fmt: skip
+        if not self.dist.all_same(flat):
+            raise RuntimeError("the ranks' parameters differ: data-parallel state diverged")
+
     def gather(self, obj: Any) -> list[Any]:
         """Every rank's small picklable ``obj`` in rank order (``[obj]`` for one process)."""
         return [obj] if self.dist is None else self.dist.gather_objects(obj)

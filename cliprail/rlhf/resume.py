@@ -124,6 +124,7 @@ class StageCheckpointer:
         """Checkpoint ``step`` with the stage's JSON ``state``; returns the folder (None on
         ranks other than 0). A collective under torchrun."""
         ranks = self.dp.gather(self._rng_state())
+        self.dp.check_same(list(self.modules.values()))
         self.last_saved = step
         if not self.dp.is_main:
             return None
