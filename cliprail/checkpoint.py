@@ -100,6 +100,8 @@ def save_checkpoint(
         The checkpoint folder.
     """
     ckpt_root.mkdir(parents=True, exist_ok=True)
+    for stale in ckpt_root.glob(".*.tmp"):  # left by a process killed mid-save (one writer)
+        shutil.rmtree(stale, ignore_errors=True)
     final = ckpt_root / name
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=ckpt_root))
     try:

@@ -409,7 +409,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return fn(rest)
     except Interrupted as exc:  # SIGINT/SIGTERM honoured: a checkpoint was saved
-        print(f"cliprail: {exc}", file=sys.stderr)
+        if _rank0():  # under torchrun every rank stops; rank 0 says so
+            print(f"cliprail: {exc}", file=sys.stderr)
         return exc.exit_code
     except (CliprailError, NonFiniteError) as exc:
         if debug:

@@ -89,7 +89,7 @@ def test_same_seed_same_parameters(tmp_path, env_id, preset):
     assert not all(torch.equal(pa[k], _params(c)[k]) for k in pa)
 
 
-def test_resume_continues_from_checkpoint(tmp_path):
+def test_resume_continues_from_checkpoint(tmp_path, capsys):
     kw = dict(env_id="Pendulum-v1", preset="mujoco", num_steps=128, minibatch_size=64,
               epochs=2, checkpoint_every=2)  # fmt: skip
     first = RLTrainer(_cfg(tmp_path, total_steps=512, **kw))
@@ -103,6 +103,7 @@ def test_resume_continues_from_checkpoint(tmp_path):
     resumed = RLTrainer(_cfg(tmp_path, total_steps=1024, resume=True, **kw))
     resumed.train()
     assert resumed.update_idx == 8 and resumed.global_step == 1024
+    assert "warning" not in capsys.readouterr().err  # the envs continued, not restarted
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     steps = [int(line.split('"step": ')[1].split(",")[0]) for line in lines]
     assert steps == [128 * i for i in range(1, 9)]  # every step exactly once

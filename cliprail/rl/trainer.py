@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import random
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from cliprail.checkpoint import (
 from cliprail.configio import config_to_dict, load_config_json
 from cliprail.distributed import Distributed
 from cliprail.errors import CheckpointError, ConfigError, RunDirError
+from cliprail.interrupt import StopRequest, fault_point
 from cliprail.monitor import MetricsLogger, Progress
 from cliprail.ppo import (
     AdaptiveKLController,
@@ -55,6 +57,7 @@ from cliprail.ppo import (
 from cliprail.rl.agent import ActorCritic, NumpyPolicy
 from cliprail.rl.config import RLConfig, derived, validate
 from cliprail.rl.envs import EnvActions, SpaceSpec, make_vector_env, space_spec
+from cliprail.rl.envstate import EnvSnapshot, SnapshotError, capture, restore
 from cliprail.rl.normalize import ObsNormalizer, RewardScaler, SyncedRunningMeanStd
 
 EVAL_CHUNK = 1024  # rows per batched no-grad pass over a rollout
@@ -148,6 +151,13 @@ class RLTrainer:
         self.update_idx = 0
         self.recent_returns: collections.deque[float] = collections.deque(maxlen=100)
         self.recent_lengths: collections.deque[int] = collections.deque(maxlen=100)
+        # The raw observation the next rollout starts from (set by train(); saved with the envs'
+        # state so a resumed run continues the same episodes).
+        self.obs: np.ndarray | None = None
+        # Set by _restore: the saved env state to put back (or why there is none), and the
+        # global RNG states to set again just before the first update.
+        self._saved_envs: EnvSnapshot | str | None = None
+        self._global_rngs: Callable[[], None] | None = None
         self._alloc_buffers()
         self._env_actions = EnvActions(self.spec)
 
@@ -369,84 +379,156 @@ class RLTrainer:
         return stats
 
     def train(self) -> dict[str, float]:
-        """Train to ``total_steps``; returns the last logged metrics."""
+        """Train to ``total_steps``; returns the last logged metrics.
+
+        SIGINT and SIGTERM stop the run at the end of the current update: it saves a checkpoint
+        and raises :class:`cliprail.interrupt.Interrupted` (under torchrun, as soon as any rank
+        has the signal, all ranks stop after the same update).
+        """
         cfg, sizes = self.cfg, self.sizes
-        resume_step = None
-        if cfg.resume:  # rank 0 reads the checkpoint; every rank restores from it
-            path, ckpt = self._on_main(lambda: _read_latest(self.run_dir / "checkpoints"))
-            self._restore(path, *ckpt)
-            resume_step = self.global_step
-        elif self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-        if self.is_main:
-            atomic_write_json(self.run_dir / "config.json", config_to_dict(cfg))
-        # On resume the envs restart from fresh episodes, seeded from the update index; rank r's
-        # env i gets seed + r * num_envs + i, as env r * num_envs + i of one process would.
-        obs, _ = self.envs.reset(
-            seed=cfg.seed + self.rank * cfg.num_envs + ENV_SEED_STRIDE * self.update_idx
-        )
-        total = sizes.num_updates * sizes.global_batch_size
-        bar = Progress(
-            total, cfg.env_id, enabled=cfg.progress and self.is_main, completed=self.global_step
-        )
+        with StopRequest() as stop:
+            resume_step = None
+            if cfg.resume:  # rank 0 reads the checkpoint; every rank restores from it
+                path, ckpt = self._on_main(lambda: _read_latest(self.run_dir / "checkpoints"))
+                self._restore(path, *ckpt)
+                resume_step = self.global_step
+            elif self.is_main:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+            if self.is_main:
+                atomic_write_json(self.run_dir / "config.json", config_to_dict(cfg))
+            obs = self._start_envs()
+            total = sizes.num_updates * sizes.global_batch_size
+            bar = Progress(
+                total, cfg.env_id, enabled=cfg.progress and self.is_main,
+                completed=self.global_step,
+            )  # fmt: skip
+            try:
+                with MetricsLogger(
+                    self.run_dir, cfg.tensorboard, resume_step, enabled=self.is_main
+                ) as logger:
+                    if self._global_rngs is not None:  # exactly as saved, whatever set-up drew
+                        self._global_rngs()
+                        self._global_rngs = None
+                    return self._loop(obs, logger, bar, stop)
+            finally:
+                bar.close()
+                self.envs.close()
+                if self.dist is not None:
+                    self.dist.close()  # the process group, if this trainer created it
+
+    def _loop(
+        self, obs: np.ndarray, logger: MetricsLogger, bar: Progress, stop: StopRequest
+    ) -> dict[str, float]:
+        """Updates until ``num_updates``: rollout, update, log, checkpoint, honour a stop."""
+        cfg, sizes = self.cfg, self.sizes
         last: dict[str, float] = {}
         t0, step0 = time.perf_counter(), self.global_step
-        try:
-            with MetricsLogger(
-                self.run_dir, cfg.tensorboard, resume_step, enabled=self.is_main
-            ) as logger:
-                while self.update_idx < sizes.num_updates:
-                    frac = self.update_idx / sizes.num_updates
-                    lr = (
-                        linear_anneal(cfg.learning_rate, frac)
-                        if cfg.anneal_lr
-                        else cfg.learning_rate
-                    )
-                    clip = (
-                        linear_anneal(cfg.clip_range, frac) if cfg.anneal_clip else cfg.clip_range
-                    )
-                    set_learning_rate(self.optimizer, lr)
-                    rollout, obs, episodes = self.collect(obs)
-                    stats = self.update(rollout, max(clip, 1e-8))
-                    self.update_idx += 1
-                    if self.dist is not None:  # every rank's finished episodes, rank order
-                        episodes = [e for part in self.dist.gather_objects(episodes) for e in part]
-                    for ret, length in episodes:
-                        self.recent_returns.append(ret)
-                        self.recent_lengths.append(length)
-                    elapsed = time.perf_counter() - t0
-                    last = {
-                        "update": self.update_idx,
-                        "steps_per_s": (self.global_step - step0) / max(elapsed, 1e-9),
-                        "learning_rate": lr,
-                        "clip_range": clip,
-                        "episodes": len(episodes),
-                        **stats,
-                    }
-                    if episodes:
-                        last["episodic_return"] = float(np.mean([e[0] for e in episodes]))
-                        last["episodic_length"] = float(np.mean([e[1] for e in episodes]))
-                    if self.recent_returns:
-                        last["return_last100"] = float(np.mean(self.recent_returns))
-                    logger.log(self.global_step, last)
-                    bar.update(self.global_step, _bar_info(last))
-                    done = self.update_idx == sizes.num_updates
-                    if done or (
-                        cfg.checkpoint_every and self.update_idx % cfg.checkpoint_every == 0
-                    ):
-                        self.save()
-        finally:
-            bar.close()
-            self.envs.close()
-            if self.dist is not None:
-                self.dist.close()  # the process group, if this trainer created it
+        while self.update_idx < sizes.num_updates:
+            # Annealed from the update index alone, so a resumed run computes the same values.
+            frac = self.update_idx / sizes.num_updates
+            lr = linear_anneal(cfg.learning_rate, frac) if cfg.anneal_lr else cfg.learning_rate
+            clip = linear_anneal(cfg.clip_range, frac) if cfg.anneal_clip else cfg.clip_range
+            set_learning_rate(self.optimizer, lr)
+            rollout, obs, episodes = self.collect(obs)
+            self.obs = obs
+            stats = self.update(rollout, max(clip, 1e-8))
+            self.update_idx += 1
+            if self.dist is not None:  # every rank's finished episodes, rank order
+                episodes = [e for part in self.dist.gather_objects(episodes) for e in part]
+            for ret, length in episodes:
+                self.recent_returns.append(ret)
+                self.recent_lengths.append(length)
+            elapsed = time.perf_counter() - t0
+            last = {
+                "update": self.update_idx,
+                "steps_per_s": (self.global_step - step0) / max(elapsed, 1e-9),
+                "learning_rate": lr,
+                "clip_range": clip,
+                "episodes": len(episodes),
+                **stats,
+            }
+            if episodes:
+                last["episodic_return"] = float(np.mean([e[0] for e in episodes]))
+                last["episodic_length"] = float(np.mean([e[1] for e in episodes]))
+            if self.recent_returns:
+                last["return_last100"] = float(np.mean(self.recent_returns))
+            logger.log(self.global_step, last)
+            bar.update(self.global_step, _bar_info(last))
+            done = self.update_idx == sizes.num_updates
+            saved = done or bool(
+                cfg.checkpoint_every and self.update_idx % cfg.checkpoint_every == 0
+            )
+            if saved:
+                self.save()
+            if not done and self._stop_agreed(stop):  # a finished run just finishes
+                if not saved:
+                    self.save()
+                where = f"after update {self.update_idx} of {sizes.num_updates}"
+                raise stop.interrupted(where, self._checkpoint_path())
+            fault_point("rl-update")  # tests: SIGKILL here after the n-th update
         return last
+
+    def _stop_agreed(self, stop: StopRequest) -> bool:
+        """Whether any rank was asked to stop (one small all-gather per update under
+        torchrun, so every rank saves and stops after the same update)."""
+        if self.dist is None:
+            return stop.requested
+        signums = self.dist.gather_arrays(np.array([float(stop.signum or 0)]))
+        agreed = int(max(float(s[0]) for s in signums))
+        if agreed and stop.signum is None:  # another rank's signal: stop the same way
+            stop.signum = agreed
+        return agreed != 0
+
+    def _start_envs(self) -> np.ndarray:
+        """Reset the envs and, on resume, put their saved state back; returns the observation
+        the first rollout starts from.
+
+        The reset seeds rank r's env i with seed + r * num_envs + i (plus a stride per update
+        on resume), as env r * num_envs + i of one process would be. When the checkpoint holds
+        no exact env state (or it does not fit these envs) the resumed run continues from
+        these fresh episodes, and rank 0 prints one warning line saying so.
+        """
+        cfg = self.cfg
+        seed = cfg.seed + self.rank * cfg.num_envs + ENV_SEED_STRIDE * self.update_idx
+        obs, _ = self.envs.reset(seed=seed)
+        saved, self._saved_envs = self._saved_envs, None
+        if not cfg.resume:
+            return obs
+        reason = saved if isinstance(saved, str) else None
+        if isinstance(saved, EnvSnapshot):
+            try:
+                obs = restore(self.envs, saved)
+            except SnapshotError as exc:
+                reason = f"the saved env state does not fit these envs: {exc}"
+                obs, _ = self.envs.reset(seed=seed)  # nothing half-restored stays
+        elif reason is None:
+            reason = "the checkpoint holds no env state"
+        reasons = [reason] if self.dist is None else self.dist.gather_objects(reason)
+        failed = [(r, why) for r, why in enumerate(reasons) if why]
+        if failed and self.is_main:
+            r, why = failed[0]
+            print(
+                f"cliprail: warning: {'' if r == 0 else f'rank {r}: '}{why}; the envs restart "
+                "from fresh episodes, so this resumed run will not match a straight run bitwise",
+                file=sys.stderr,
+            )
+        return obs
 
     # --- checkpoints -------------------------------------------------------------------------
     def _rank_state(self) -> dict[str, Any]:
         """This rank's RNGs and env-side state: what differs between ranks."""
         np_state: Any = np.random.get_state()
+        envs: EnvSnapshot | None = None
+        if self.obs is None:
+            reason = "saved outside train(), with no observation to continue from"
+        else:
+            try:
+                envs, reason = capture(self.envs, self.obs), None
+            except SnapshotError as exc:
+                reason = str(exc)
         return {
+            "envs": envs,
+            "envs_reason": reason,
             "torch": torch.get_rng_state(),
             "shuffle": self.shuffle_rng.get_state(),
             "reward_returns": (
@@ -457,12 +539,19 @@ class RLTrainer:
             "acting_rng": self.np_rng.bit_generator.state,
         }
 
-    def save(self) -> Path | None:
-        """Checkpoint everything the next update depends on (envs restart on resume).
+    def _checkpoint_path(self) -> Path:
+        """The folder :meth:`save` writes for the current update (the same on every rank)."""
+        return self.run_dir / "checkpoints" / f"update_{self.update_idx:07d}"
 
-        A collective under torchrun: every rank hands its RNG states to rank 0, which alone
-        writes (rank 0's under the single-process names, rank r's under ``.rank{r}`` names and
-        ``state["ranks"]``); returns the folder on rank 0, None elsewhere.
+    def save(self) -> Path | None:
+        """Checkpoint everything the next update depends on: weights, Adam state, normaliser
+        statistics, every RNG, counters, the KL controller, episode statistics, and the envs'
+        state with the observation to continue from (:mod:`cliprail.rl.envstate`), or
+        ``"envs_exact": false`` and the reason in ``state.json`` when it cannot be captured.
+
+        A collective under torchrun: every rank hands its RNG and env states to rank 0, which
+        alone writes (rank 0's under the single-process names, rank r's under ``.rank{r}``
+        names and ``state["ranks"]``); returns the folder on rank 0, None elsewhere.
         """
         ranks = [self._rank_state()]
         if self.dist is not None:
@@ -498,6 +587,12 @@ class RLTrainer:
             per_rank[str(r)] = {k: rs[k] for k in ("python_rng", "numpy_rng", "acting_rng")}
         if norm:
             tensors["normalizer"] = norm
+        env_tensors, env_meta, env_reason = _env_checkpoint(ranks)
+        if env_tensors:
+            tensors["envs"] = env_tensors
+        for r, meta in env_meta.items():
+            if r:
+                per_rank[str(r)]["envs"] = meta
         state = {
             "global_step": self.global_step,
             "update": self.update_idx,
@@ -508,7 +603,11 @@ class RLTrainer:
             "python_rng": own["python_rng"],
             "numpy_rng": own["numpy_rng"],
             "acting_rng": own["acting_rng"],
+            "envs_exact": env_reason is None,
+            "envs_reason": env_reason,
         }
+        if 0 in env_meta:
+            state["envs"] = env_meta[0]
         if per_rank:
             state["ranks"] = per_rank
         return save_checkpoint(
@@ -548,8 +647,6 @@ class RLTrainer:
         if self.reward_scaler is not None and sfx:
             self.reward_scaler.returns = norm[f"reward.returns{sfx}"].numpy().copy()
         rng = tensors.get("rng", {})
-        if f"torch{sfx}" in rng:
-            torch.set_rng_state(rng[f"torch{sfx}"])
         if f"shuffle{sfx}" in rng:
             self.shuffle_rng.set_state(rng[f"shuffle{sfx}"])
         self.global_step, self.update_idx = int(state["global_step"]), int(state["update"])
@@ -558,17 +655,63 @@ class RLTrainer:
         if self.kl_ctl is not None and state.get("kl_controller"):
             self.kl_ctl.load_state_dict(state["kl_controller"])
         own = state["ranks"][str(self.rank)] if self.rank else state
-        if own.get("python_rng"):
-            random.setstate(_py_rng_from_json(own["python_rng"]))
         if own.get("acting_rng"):
             self.np_rng.bit_generator.state = own["acting_rng"]
-        if own.get("numpy_rng"):
-            s = own["numpy_rng"]
-            np.random.set_state((s[0], np.asarray(s[1], dtype=np.uint32), *s[2:]))
+        torch_rng = rng.get(f"torch{sfx}")
+
+        def set_global_rngs() -> None:
+            if torch_rng is not None:
+                torch.set_rng_state(torch_rng)
+            if own.get("python_rng"):
+                random.setstate(_py_rng_from_json(own["python_rng"]))
+            if own.get("numpy_rng"):
+                s = own["numpy_rng"]
+                np.random.set_state((s[0], np.asarray(s[1], dtype=np.uint32), *s[2:]))
+
+        set_global_rngs()
+        self._global_rngs = set_global_rngs  # train() sets them again before the first update
+        self._saved_envs = _saved_envs(path, state, own, tensors.get("envs", {}), sfx)
 
 
 def _processes(n: int) -> str:
     return f"{n} process" if n == 1 else f"{n} processes"
+
+
+def _env_checkpoint(
+    ranks: list[dict[str, Any]],
+) -> tuple[dict[str, Tensor], dict[int, dict[str, Any]], str | None]:
+    """Every rank's env snapshot as one tensor group (rank r's names end in ``.rank{r}``),
+    each rank's JSON meta, and the first reason a rank's envs could not be captured."""
+    tensors: dict[str, Tensor] = {}
+    metas: dict[int, dict[str, Any]] = {}
+    reason = None
+    for r, rs in enumerate(ranks):
+        snap, why = rs["envs"], rs["envs_reason"]
+        if snap is not None:
+            try:
+                part, metas[r] = snap.to_checkpoint(f".rank{r}" if r else "")
+                tensors.update(part)
+            except SnapshotError as exc:
+                why = str(exc)
+        if why is not None and reason is None:
+            reason = why if r == 0 else f"rank {r}: {why}"
+    if reason is not None:  # all ranks exact or none: a half-exact resume is not exact
+        return {}, {}, reason
+    return tensors, metas, None
+
+
+def _saved_envs(
+    path: Path, state: dict[str, Any], own: dict[str, Any], tensors: dict[str, Tensor], sfx: str
+) -> EnvSnapshot | str:
+    """This rank's env snapshot in checkpoint ``path``, or why there is none."""
+    meta = own.get("envs")
+    if meta is None:
+        why = state.get("envs_reason") or "written before cliprail saved env state"
+        return f"{path} holds no exact env state ({why})"
+    try:
+        return EnvSnapshot.from_checkpoint(tensors, meta, sfx)
+    except SnapshotError as exc:
+        return f"{path}: its env state is unreadable ({exc})"
 
 
 def _read_latest(

@@ -1,0 +1,44 @@
+"""StopRequest: signals become a request honoured at the next safe point; stale temporary
+checkpoint folders of a killed save are cleaned by the next save."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+import torch
+
+from cliprail.checkpoint import latest_checkpoint, save_checkpoint
+from cliprail.interrupt import StopRequest
+
+
+def test_signal_is_recorded_not_raised_and_handlers_restored():
+    before = signal.getsignal(signal.SIGTERM)
+    with StopRequest() as stop:
+        assert not stop.requested
+        signal.raise_signal(signal.SIGTERM)
+        assert stop.requested and stop.signum == signal.SIGTERM
+        exc = stop.interrupted("after update 3 of 9", "ckpt/update_3")
+        assert exc.exit_code == 143 and "SIGTERM after update 3 of 9" in str(exc)
+        assert "--resume" in str(exc)
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_torchrun_forwarded_sigterm_after_ctrl_c_is_absorbed_second_ctrl_c_stops_now():
+    with StopRequest() as stop:
+        signal.raise_signal(signal.SIGINT)  # Ctrl-C reaches the worker...
+        signal.raise_signal(signal.SIGTERM)  # ...and torchrun forwards SIGTERM: still saving
+        assert stop.signum == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):  # Ctrl-C again: the user insists
+            signal.raise_signal(signal.SIGINT)
+
+
+def test_next_save_removes_a_half_written_checkpoint(tmp_path):
+    root = tmp_path / "checkpoints"
+    save_checkpoint(root, "update_01", {"m": {"w": torch.zeros(2)}}, {"step": 1})
+    stale = root / ".update_02.abc.tmp"  # what a SIGKILL mid-save leaves
+    stale.mkdir()
+    (stale / "m.safetensors").write_bytes(b"half")
+    assert latest_checkpoint(root).name == "update_01"
+    save_checkpoint(root, "update_03", {"m": {"w": torch.ones(2)}}, {"step": 3})
+    assert not stale.exists() and latest_checkpoint(root).name == "update_03"
