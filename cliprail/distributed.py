@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from cliprail.errors import CliprailError, ConfigError
+from cliprail.errors import CliprailError, ConfigError, RunDirError
 from cliprail.ppo.masked import masked_count, masked_mean, masked_sum
 from cliprail.ppo.update import UpdateSync
 
@@ -302,6 +302,9 @@ class Distributed:
                 box[0] = fn()
             except CliprailError as exc:
                 box[1] = (type(exc), str(exc))
+            except OSError as exc:  # a full disk, an unwritable folder: every rank stops
+                where = f"{exc.filename}: " if exc.filename else ""
+                box[1] = (RunDirError, f"{where}{exc.strerror or exc}")
         dist.broadcast_object_list(box, src=0)
         if box[1] is not None:
             cls, message = box[1]

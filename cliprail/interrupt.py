@@ -4,8 +4,8 @@
 safe point (the end of an update or optimizer step): it saves a checkpoint and raises
 :class:`Interrupted`, which the CLI prints as one line and turns into exit code 128 + signal
 (130 for SIGINT, 143 for SIGTERM: a stopped run is not a finished one, so ``a && b`` pipelines
-and schedulers see it). The same signal again while the first is being honoured stops at
-once.
+and schedulers see it). A second SIGINT (Ctrl-C again) stops at once; repeated SIGTERMs
+(a scheduler and torchrun both forwarding) are absorbed.
 
 :func:`fault_point` lets the tests SIGKILL a run at an exact place (after update 7, halfway
 through writing a checkpoint): ``CLIPRAIL_KILL_AT=<point>:<n>`` kills the process the ``n``-th
@@ -65,10 +65,10 @@ class StopRequest:
         self._old: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        # The same signal twice (Ctrl-C pressed again): stop now, saved or not. Another one
-        # after the first is absorbed: Ctrl-C under torchrun reaches the workers as SIGINT and
-        # then as the SIGTERM torchrun forwards, and that must not cancel the save.
-        if self.signum == signum:
+        # Only a second SIGINT (Ctrl-C pressed again) stops at once, saved or not. Any other
+        # repeat is absorbed: schedulers (SLURM preemption, scancel) and torchrun may each send
+        # SIGTERM to the same worker, and neither must cancel the save.
+        if self.signum is not None and signum == signal.SIGINT:
             self._restore()
             raise KeyboardInterrupt
         if self.signum is None:

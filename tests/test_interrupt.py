@@ -24,12 +24,16 @@ def test_signal_is_recorded_not_raised_and_handlers_restored():
     assert signal.getsignal(signal.SIGTERM) is before
 
 
-def test_torchrun_forwarded_sigterm_after_ctrl_c_is_absorbed_second_ctrl_c_stops_now():
+def test_repeated_sigterm_is_absorbed_second_ctrl_c_stops_now():
     with StopRequest() as stop:
-        signal.raise_signal(signal.SIGINT)  # Ctrl-C reaches the worker...
-        signal.raise_signal(signal.SIGTERM)  # ...and torchrun forwards SIGTERM: still saving
-        assert stop.signum == signal.SIGINT
-        with pytest.raises(KeyboardInterrupt):  # Ctrl-C again: the user insists
+        signal.raise_signal(signal.SIGTERM)  # the scheduler signals the job step...
+        signal.raise_signal(signal.SIGTERM)  # ...and torchrun forwards it: still saving
+        assert stop.signum == signal.SIGTERM
+        with pytest.raises(KeyboardInterrupt):  # Ctrl-C: the user insists
+            signal.raise_signal(signal.SIGINT)
+    with StopRequest() as stop:
+        signal.raise_signal(signal.SIGINT)
+        with pytest.raises(KeyboardInterrupt):  # Ctrl-C pressed twice
             signal.raise_signal(signal.SIGINT)
 
 

@@ -196,3 +196,27 @@ def test_resume_refuses_a_changed_config_or_a_finished_run(pipeline, straight, c
         assert "--resume with a config that differs" in capsys.readouterr().err
     finally:
         (straight["sft"] / "stage.json.bak").rename(straight["sft"] / "stage.json")
+
+
+def test_crash_before_the_first_checkpoint_resumes_from_the_start(
+    pipeline, straight, tmp_path, monkeypatch
+):
+    """A run that died before any checkpoint (an OOM kill, --checkpoint-every 0) is not stuck:
+    --resume starts it over, metrics.jsonl cut back to nothing, and ends as the straight run."""
+    import cliprail.rlhf.resume as resume
+
+    run = tmp_path / "dpo"
+    args = _args("dpo", pipeline, run)
+    no_ckpt = [*args[: args.index("--checkpoint-every")], "--checkpoint-every", "0"]
+
+    def crash(name: str) -> None:
+        raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(resume, "fault_point", crash)
+    torch.set_num_threads(1)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        main(no_ckpt)  # dies after step 1, after the step-0 evaluation was logged
+    monkeypatch.undo()
+    assert (run / "metrics.jsonl").read_text() and not (run / "checkpoints").exists()
+    _in_process([*args, "--resume"])  # the saved --checkpoint-every may change on resume
+    _assert_same_run(straight["dpo"], run)

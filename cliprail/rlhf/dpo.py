@@ -37,6 +37,7 @@ from cliprail.rlhf.models import (
 )
 from cliprail.rlhf.parallel import DataParallel
 from cliprail.rlhf.resume import StageCheckpointer, begin_run
+from cliprail.rlhf.resume import resume_step as _resume_step
 from cliprail.rlhf.sampling import Sampling, evaluate_policy, load_requests
 from cliprail.scenarios.healthcare import Request
 
@@ -184,8 +185,9 @@ def _train_dpo(cfg: DPOConfig, pairs: list[dict[str, Any]], held_requests: list[
     ckpt = StageCheckpointer(cfg.run_dir, cfg.checkpoint_every, {"policy": policy}, opt, sched,
                              {"shuffle": g}, dp=dp)  # fmt: skip
     start, elapsed = 0, 0.0
-    if cfg.resume:  # the reference pass above is recomputed (same numbers), not re-counted
-        _, state = ckpt.restore()
+    restored = ckpt.restore() if cfg.resume else None
+    if restored is not None:  # the reference pass above is recomputed (same numbers)
+        _, state = restored
         start, elapsed, evals = state["step"], state["wall_s"], state["evals"]
         cost.load_state_dict(state["cost"])
         shuffle.load_state_dict(state["shuffle"])
@@ -206,7 +208,7 @@ def _train_dpo(cfg: DPOConfig, pairs: list[dict[str, Any]], held_requests: list[
 
     bar = Progress(total, "DPO", cfg.progress and dp.is_main, completed=start)
     with StopRequest() as stop, MetricsLogger(
-        cfg.run_dir, tensorboard=True, resume_step=start if cfg.resume else None,
+        cfg.run_dir, tensorboard=True, resume_step=_resume_step(cfg.resume, restored, start),
         enabled=dp.is_main,
     ) as log:  # fmt: skip
         if start == 0:

@@ -52,6 +52,7 @@ from cliprail.rlhf.models import (
 )
 from cliprail.rlhf.parallel import DataParallel
 from cliprail.rlhf.resume import StageCheckpointer, begin_run
+from cliprail.rlhf.resume import resume_step as _resume_step
 from cliprail.rlhf.sampling import Sampling, load_requests, sample, score
 from cliprail.rlhf.sampling import evaluate_policy as evaluate
 from cliprail.scenarios.healthcare import Request
@@ -390,6 +391,10 @@ def train_ppo(cfg: PPOConfig) -> dict[str, Any]:
         raise DataError(f"{cfg.prompts}: no requests with split 'train'")
     dp = DataParallel.from_env()
     try:
+        if dp.world > 1 and len(train) < cfg.batch_size * dp.world:  # equal shards: lockstep
+            raise ConfigError(f"{cfg.prompts}: {len(train)} training prompts, fewer than the "
+                              f"global batch ({dp.world} ranks x --batch-size "
+                              f"{cfg.batch_size}); lower --batch-size")  # fmt: skip
         return _train_ppo(cfg, train, held, red, dp)
     finally:
         dp.close()
@@ -419,8 +424,9 @@ def _train_ppo(cfg: PPOConfig, train: list[Request], held: list[Request], red: l
                              generators={"sampling": g}, rngs={"prompts": rng},
                              dp=dp)  # fmt: skip
     start, elapsed, skipped_in_row = 0, 0.0, 0
-    if cfg.resume:  # the reference is the SFT model as loaded above, before this restore
-        _, state = ckpt.restore()
+    restored = ckpt.restore() if cfg.resume else None
+    if restored is not None:  # the reference is the SFT model as loaded above, before this
+        _, state = restored
         start, elapsed, fuse = state["step"], state["wall_s"], state["fuse"]
         skipped_in_row = state["skipped_in_row"]
         kl_ctl.load_state_dict(state["kl_controller"])
@@ -471,7 +477,7 @@ def _train_ppo(cfg: PPOConfig, train: list[Request], held: list[Request], red: l
         MetricsLogger(
             cfg.run_dir,
             tensorboard=True,
-            resume_step=start * global_batch if cfg.resume else None,
+            resume_step=_resume_step(cfg.resume, restored, start * global_batch),
             enabled=dp.is_main,
         ) as log,
     ):

@@ -71,6 +71,14 @@ def begin_run(run_dir: Path, cfg: Any) -> None:
                           f"{', '.join(diffs)}")  # fmt: skip
 
 
+def resume_step(resume: bool, restored: Any, step: int) -> int | None:
+    """The step ``metrics.jsonl`` is cut back to: the restored checkpoint's, -1 (everything)
+    for a --resume that starts over, None (nothing) for a fresh run."""
+    if not resume:
+        return None
+    return step if restored is not None else -1
+
+
 class StageCheckpointer:
     """Save and restore one stage's trained state; see the module docstring.
 
@@ -141,16 +149,25 @@ class StageCheckpointer:
                "scheduler": self.scheduler.state_dict() if self.scheduler else None}  # fmt: skip
         return save_checkpoint(self.root, f"step_{step:08d}", tensors, full, opt, keep_last=2)
 
-    def restore(self) -> tuple[Path, dict[str, Any]]:
+    def restore(self) -> tuple[Path, dict[str, Any]] | None:
         """Load the latest valid checkpoint into the modules, optimizer and RNGs; returns its
-        folder and its state (``state["step"]`` is the step to continue after). Under torchrun
-        rank 0 reads it and every rank restores its own RNG states from it."""
+        folder and its state (``state["step"]`` is the step to continue after), or None when
+        the run was stopped before its first checkpoint (it then starts over: the seed makes
+        that the same run). Under torchrun rank 0 reads it and every rank restores its own RNG
+        states from it."""
 
-        def read() -> tuple[Path, Any]:
-            path = latest_checkpoint(self.root)
+        def read() -> tuple[Path, Any] | None:
+            if not self.root.is_dir() or not any(
+                p.is_dir() and not p.name.startswith(".") for p in self.root.iterdir()
+            ):
+                return None
+            path = latest_checkpoint(self.root)  # raises if every checkpoint is corrupt
             return path, load_checkpoint(path)
 
-        path, (tensors, state, opt) = self.dp.from_main(read)
+        found = self.dp.from_main(read)
+        if found is None:
+            return None
+        path, (tensors, state, opt) = found
         saved_world = int(state.get("world_size", 1))
         if saved_world != self.dp.world:
             raise ConfigError(f"{path}: written by {saved_world} process(es), this run has "
@@ -197,4 +214,4 @@ class StageCheckpointer:
         fault_point("rlhf-step")
 
 
-__all__ = ["StageCheckpointer", "begin_run", "py_rng_from_json", "py_rng_to_json"]
+__all__ = ["StageCheckpointer", "begin_run", "py_rng_from_json", "py_rng_to_json", "resume_step"]

@@ -30,6 +30,7 @@ from cliprail.rlhf.models import (
 )
 from cliprail.rlhf.parallel import DataParallel
 from cliprail.rlhf.resume import StageCheckpointer, begin_run
+from cliprail.rlhf.resume import resume_step as _resume_step
 
 
 @dataclass(frozen=True)
@@ -140,8 +141,9 @@ def _train_reward(cfg: RewardConfig, pairs: list[dict[str, Any]], dp: DataParall
     ckpt = StageCheckpointer(cfg.run_dir, cfg.checkpoint_every, {"model": rm}, opt,
                              generators={"shuffle": g}, dp=dp)  # fmt: skip
     start, elapsed = 0, 0.0
-    if cfg.resume:
-        _, state = ckpt.restore()
+    restored = ckpt.restore() if cfg.resume else None
+    if restored is not None:
+        _, state = restored
         start, elapsed = state["step"], state["wall_s"]
         cost.load_state_dict(state["cost"])
         shuffle.load_state_dict(state["shuffle"])
@@ -153,7 +155,7 @@ def _train_reward(cfg: RewardConfig, pairs: list[dict[str, Any]], dp: DataParall
 
     bar = Progress(total, "reward model", cfg.progress and dp.is_main, completed=start)
     with StopRequest() as stop, MetricsLogger(
-        cfg.run_dir, tensorboard=False, resume_step=start if cfg.resume else None,
+        cfg.run_dir, tensorboard=False, resume_step=_resume_step(cfg.resume, restored, start),
         enabled=dp.is_main,
     ) as log:  # fmt: skip
         rm.train()
