@@ -183,19 +183,18 @@ def _train_dpo(cfg: DPOConfig, pairs: list[dict[str, Any]], held_requests: list[
     evals: list[dict[str, Any]] = []
     sampling = Sampling(max_prompt_len=cfg.max_prompt_len)
     ckpt = StageCheckpointer(cfg.run_dir, cfg.checkpoint_every, {"policy": policy}, opt, sched,
-                             {"shuffle": g}, dp=dp)  # fmt: skip
-    start, elapsed = 0, 0.0
+                             {"shuffle": g}, dp=dp, cost=cost, shuffle=shuffle,
+                             started=t0)  # fmt: skip
+    # on resume the reference pass above is recomputed (same numbers); the restored cost
+    # replaces the counters, so it is not counted twice
     restored = ckpt.restore() if cfg.resume else None
-    if restored is not None:  # the reference pass above is recomputed (same numbers)
-        _, state = restored
-        start, elapsed, evals = state["step"], state["wall_s"], state["evals"]
-        cost.load_state_dict(state["cost"])
-        shuffle.load_state_dict(state["shuffle"])
+    start = restored[1]["step"] if restored is not None else 0
+    if restored is not None:
+        evals = restored[1]["evals"]
     train_policy = dp.wrap(policy)  # DDP after the restore: it starts from rank 0's weights
 
     def snapshot() -> dict[str, Any]:
-        return {"wall_s": elapsed + time.perf_counter() - t0, "cost": cost.state_dict(),
-                "shuffle": shuffle.state_dict(), "evals": evals}  # fmt: skip
+        return {"evals": evals}
 
     def evaluate(epoch: int, step: int, log: MetricsLogger) -> None:
         if not held_requests or not dp.is_main:  # rank 0 evaluates; nothing to agree on
@@ -257,7 +256,7 @@ def _train_dpo(cfg: DPOConfig, pairs: list[dict[str, Any]], held_requests: list[
     with atomic_dir(out) as tmp:
         policy.save_pretrained(str(tmp))  # type: ignore[operator]
         tok.save_pretrained(str(tmp))
-    cost.wall_s = elapsed + time.perf_counter() - t0
+    cost.wall_s = ckpt.wall_s()
     atomic_write_json(cfg.run_dir / "dpo_metrics.json", metrics)
     cost.write(cfg.run_dir, policy=str(out))  # last: a run with stage.json is finished
     return metrics

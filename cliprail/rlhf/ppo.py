@@ -422,22 +422,20 @@ def _train_ppo(cfg: PPOConfig, train: list[Request], held: list[Request], red: l
     ckpt = StageCheckpointer(cfg.run_dir, cfg.checkpoint_every,
                              {"policy": m.policy, "value": m.value}, optimizer,
                              generators={"sampling": g}, rngs={"prompts": rng},
-                             dp=dp)  # fmt: skip
-    start, elapsed, skipped_in_row = 0, 0.0, 0
+                             dp=dp, cost=m.cost)  # fmt: skip
+    start, skipped_in_row = 0, 0
     restored = ckpt.restore() if cfg.resume else None
     if restored is not None:  # the reference is the SFT model as loaded above, before this
         _, state = restored
-        start, elapsed, fuse = state["step"], state["wall_s"], state["fuse"]
+        start, fuse = state["step"], state["fuse"]
         skipped_in_row = state["skipped_in_row"]
         kl_ctl.load_state_dict(state["kl_controller"])
-        m.cost.load_state_dict(state["cost"])
     m.train_policy, m.train_value = dp.wrap(m.policy), dp.wrap(m.value)  # after the restore
     bar = Progress(n_updates, "PPO", cfg.progress and dp.is_main, completed=start)
     t0 = time.perf_counter()
 
     def snapshot() -> dict[str, Any]:
-        return {"wall_s": elapsed + time.perf_counter() - t0, "cost": m.cost.state_dict(),
-                "fuse": fuse, "kl_controller": kl_ctl.state_dict(),
+        return {"fuse": fuse, "kl_controller": kl_ctl.state_dict(),
                 "skipped_in_row": skipped_in_row}  # fmt: skip
 
     def run_fuse(update: int, log: MetricsLogger) -> bool:
@@ -512,7 +510,7 @@ def _train_ppo(cfg: PPOConfig, train: list[Request], held: list[Request], red: l
         return fuse
     save_policy(m, cfg.run_dir / "policy")
     fuse["best_checkpoint"] = str(cfg.run_dir / "best") if cfg.eval_every else None
-    fuse["wall_s"] = m.cost.wall_s = elapsed + time.perf_counter() - t0
+    fuse["wall_s"] = m.cost.wall_s = ckpt.wall_s()
     atomic_write_json(cfg.run_dir / "fuse.json", fuse)
     # last: a run with stage.json is finished
     m.cost.write(cfg.run_dir, policy=str(cfg.run_dir / ("best" if cfg.eval_every else "policy")))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import random
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from cliprail.checkpoint import latest_checkpoint, load_checkpoint, save_checkpo
 from cliprail.configio import config_to_dict
 from cliprail.errors import CheckpointError, ConfigError, RunDirError
 from cliprail.interrupt import StopRequest, fault_point
-from cliprail.rlhf.common import start_run
+from cliprail.rlhf.common import Cost, EpochShuffle, start_run
 from cliprail.rlhf.parallel import DataParallel
 
 # Config fields a --resume may change: they do not touch what is computed.
@@ -94,6 +95,10 @@ class StageCheckpointer:
             rank's RNG states to rank 0, which alone writes (rank r's under ``.rank{r}`` names
             and ``state["ranks"]``); :meth:`restore` reads on rank 0 and broadcasts, and needs
             the world size the checkpoint was written with.
+        cost: the stage's token counters, saved and restored with it.
+        shuffle: its epoch shuffle, saved and restored with it.
+        started: ``time.perf_counter()`` when the stage started (default: now), for
+            :meth:`wall_s`.
     """
 
     def __init__(
@@ -106,6 +111,9 @@ class StageCheckpointer:
         generators: dict[str, torch.Generator] | None = None,
         rngs: dict[str, random.Random] | None = None,
         dp: DataParallel | None = None,
+        cost: Cost | None = None,
+        shuffle: EpochShuffle | None = None,
+        started: float | None = None,
     ) -> None:
         self.root = run_dir / CHECKPOINTS
         self.every = every
@@ -115,6 +123,9 @@ class StageCheckpointer:
         self.generators = generators or {}
         self.rngs = rngs or {}
         self.dp = dp or DataParallel(None)
+        self.cost, self.shuffle = cost, shuffle
+        self.started = time.perf_counter() if started is None else started
+        self.elapsed = 0.0  # wall seconds of the earlier processes of a resumed run
         self.last_saved: int | None = None
 
     def _rng_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -140,7 +151,12 @@ class StageCheckpointer:
             name: dict(m.state_dict()) for name, m in self.modules.items()
         }
         rng_tensors, rng_json = ranks[0]
-        full = {**state, "step": step, "world_size": self.dp.world, **rng_json}
+        full = {**state, "step": step, "world_size": self.dp.world, "wall_s": self.wall_s(),
+                **rng_json}  # fmt: skip
+        if self.cost is not None:
+            full["cost"] = self.cost.state_dict()
+        if self.shuffle is not None:
+            full["shuffle"] = self.shuffle.state_dict()
         for r, (t, j) in enumerate(ranks[1:], start=1):
             rng_tensors.update({f"{k}.rank{r}": v for k, v in t.items()})
             full.setdefault("ranks", {})[str(r)] = j
@@ -191,10 +207,19 @@ class StageCheckpointer:
             np.random.set_state((s[0], np.asarray(s[1], dtype=np.uint32), *s[2:]))
             for k, r in self.rngs.items():
                 r.setstate(py_rng_from_json(own["rngs"][k]))
+            if self.cost is not None:
+                self.cost.load_state_dict(state["cost"])
+            if self.shuffle is not None:
+                self.shuffle.load_state_dict(state["shuffle"])
+            self.elapsed = float(state["wall_s"])
         except (KeyError, RuntimeError, ValueError, TypeError) as exc:
             raise CheckpointError(f"{path}: does not fit this stage's models ({exc})") from None
         self.last_saved = int(state["step"])
         return path, state
+
+    def wall_s(self) -> float:
+        """Wall seconds of the whole run so far, earlier (resumed-from) processes included."""
+        return self.elapsed + time.perf_counter() - self.started
 
     def step_end(
         self, step: int, stop: StopRequest, state: Callable[[], dict[str, Any]], where: str

@@ -139,19 +139,11 @@ def _train_reward(cfg: RewardConfig, pairs: list[dict[str, Any]], dp: DataParall
     shuffle = EpochShuffle(len(train), cfg.batch_size * dp.world, g)  # global batches
     total = cfg.epochs * shuffle.steps_per_epoch
     ckpt = StageCheckpointer(cfg.run_dir, cfg.checkpoint_every, {"model": rm}, opt,
-                             generators={"shuffle": g}, dp=dp)  # fmt: skip
-    start, elapsed = 0, 0.0
+                             generators={"shuffle": g}, dp=dp, cost=cost, shuffle=shuffle,
+                             started=t0)  # fmt: skip
     restored = ckpt.restore() if cfg.resume else None
-    if restored is not None:
-        _, state = restored
-        start, elapsed = state["step"], state["wall_s"]
-        cost.load_state_dict(state["cost"])
-        shuffle.load_state_dict(state["shuffle"])
+    start = restored[1]["step"] if restored is not None else 0
     train_rm = dp.wrap(rm)  # DDP after the restore: it starts from rank 0's weights
-
-    def snapshot() -> dict[str, Any]:
-        return {"wall_s": elapsed + time.perf_counter() - t0, "cost": cost.state_dict(),
-                "shuffle": shuffle.state_dict()}  # fmt: skip
 
     bar = Progress(total, "reward model", cfg.progress and dp.is_main, completed=start)
     with StopRequest() as stop, MetricsLogger(
@@ -181,7 +173,7 @@ def _train_reward(cfg: RewardConfig, pairs: list[dict[str, Any]], dp: DataParall
                 (margin > 0).float().mean()) * scale})  # fmt: skip
             log.log(step + 1, row)
             bar.update(step + 1, f"loss {row['loss']:.3f}")
-            ckpt.step_end(step + 1, stop, snapshot, f"after step {step + 1} of {total}")
+            ckpt.step_end(step + 1, stop, dict, f"after step {step + 1} of {total}")
         bar.close()
         if dp.is_main:  # rank 0 evaluates and saves; the others are done
             metrics = _finish(rm, tok, train, held, cfg)
@@ -192,7 +184,7 @@ def _train_reward(cfg: RewardConfig, pairs: list[dict[str, Any]], dp: DataParall
     with atomic_dir(out) as tmp:
         rm.save(tmp, {"shift": metrics["reward_shift"], **metrics})
         tok.save_pretrained(str(tmp))
-    cost.wall_s = elapsed + time.perf_counter() - t0
+    cost.wall_s = ckpt.wall_s()
     atomic_write_json(cfg.run_dir / "reward_metrics.json", metrics)
     cost.write(cfg.run_dir, model=str(out))  # last: a run with stage.json is finished
     return metrics

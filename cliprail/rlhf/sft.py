@@ -135,19 +135,11 @@ def _train_sft(cfg: SFTConfig, demos: list[dict[str, Any]], dp: DataParallel) ->
     total = cfg.epochs * shuffle.steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / max(total, 1))
     ckpt = StageCheckpointer(cfg.run_dir, cfg.checkpoint_every, {"model": model}, opt, sched,
-                             {"shuffle": g}, dp=dp)  # fmt: skip
-    start, elapsed = 0, 0.0
+                             {"shuffle": g}, dp=dp, cost=cost, shuffle=shuffle,
+                             started=t0)  # fmt: skip
     restored = ckpt.restore() if cfg.resume else None
-    if restored is not None:
-        _, state = restored
-        start, elapsed = state["step"], state["wall_s"]
-        cost.load_state_dict(state["cost"])
-        shuffle.load_state_dict(state["shuffle"])
+    start = restored[1]["step"] if restored is not None else 0
     train_model = dp.wrap(model)  # DDP after the restore: it starts from rank 0's weights
-
-    def snapshot() -> dict[str, Any]:
-        return {"wall_s": elapsed + time.perf_counter() - t0, "cost": cost.state_dict(),
-                "shuffle": shuffle.state_dict()}  # fmt: skip
 
     bar = Progress(total, "SFT", cfg.progress and dp.is_main, completed=start)
     with StopRequest() as stop, MetricsLogger(
@@ -173,13 +165,13 @@ def _train_sft(cfg: SFTConfig, demos: list[dict[str, Any]], dp: DataParallel) ->
             row = dp.mean_stats({"loss": loss.item()})
             log.log(step + 1, {**row, "epoch": epoch})
             bar.update(step + 1, f"loss {row['loss']:.3f}")
-            ckpt.step_end(step + 1, stop, snapshot, f"after step {step + 1} of {total}")
+            ckpt.step_end(step + 1, stop, dict, f"after step {step + 1} of {total}")
     bar.close()
     out = cfg.run_dir / "model"
     if dp.is_main:
         with atomic_dir(out) as tmp:
             model.save_pretrained(str(tmp))  # type: ignore[operator]
             tokenizer.save_pretrained(str(tmp))
-        cost.wall_s = elapsed + time.perf_counter() - t0
+        cost.wall_s = ckpt.wall_s()
         cost.write(cfg.run_dir, policy=str(out))  # last: a run with stage.json is finished
     return out
