@@ -34,7 +34,8 @@ pytestmark = pytest.mark.skipif(
 
 def _stage_args(stage: str, pipe: Path, run: Path, batch: int) -> list[str]:
     data, sft = pipe / "data", pipe / "sft" / "model"
-    common = ["--run-dir", str(run), "--no-progress", "--batch-size", str(batch)]
+    common = ["--run-dir", str(run), "--no-progress", "--batch-size", str(batch),
+              "--checkpoint-every", "3"]  # fmt: skip
     if stage == "sft":  # from the SFT model: the tokenizer and initial weights are fixed
         return ["rlhf", "sft", "--data", str(data / "demonstrations.jsonl"), "--model",
                 str(sft), "--epochs", "1", "--learning-rate", "1e-3", *common]  # fmt: skip
@@ -45,14 +46,38 @@ def _stage_args(stage: str, pipe: Path, run: Path, batch: int) -> list[str]:
             "--epochs", "1", "--learning-rate", "1e-3", *common]  # fmt: skip
 
 
-def _torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+def _torchrun(args: list[str], cwd: Path, env: dict[str, str] | None = None
+              ) -> subprocess.CompletedProcess[str]:  # fmt: skip
     torchrun = Path(sys.executable).with_name("torchrun")
     cmd = [str(torchrun)] if torchrun.exists() else [sys.executable, "-m", "torch.distributed.run"]
     return subprocess.run(
         [*cmd, "--standalone", "--nproc_per_node=2", "-m", "cliprail", *args],
         cwd=cwd, capture_output=True, text=True, timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
     )  # fmt: skip
+
+
+def test_fsdp_sft_killed_and_resumed_under_torchrun_is_bitwise_the_same_run(pipeline,
+                                                                            tmp_path):  # fmt: skip
+    """2 ranks under --fsdp: SIGKILLed after step 5 (checkpoint at 3), --resume with 2 ranks
+    gathers the full optimizer state back into shards and ends bitwise where an uninterrupted
+    run ends, with the same metrics lines."""
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    args = [*_stage_args("sft", pipeline, whole, batch=8), "--fsdp"]
+    assert _torchrun(args, tmp_path).returncode == 0
+    args = [*_stage_args("sft", pipeline, cut, batch=8), "--fsdp"]
+    p = _torchrun(args, tmp_path, {"CLIPRAIL_KILL_AT": "rlhf-step:5"})
+    assert p.returncode != 0 and not (cut / "model").exists()
+    p = _torchrun([*args, "--resume"], tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    a, b = _model(whole), _model(cut)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    def lines(run: Path) -> list[dict]:
+        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if not k.endswith("_s")} for r in rows]
+
+    assert lines(whole) == lines(cut)
 
 
 def _model(run: Path) -> dict[str, torch.Tensor]:
@@ -66,14 +91,36 @@ def _model(run: Path) -> dict[str, torch.Tensor]:
 EQUIV_ATOL = 1e-5
 
 
+@pytest.fixture(scope="module")
+def one_process(pipeline, tmp_path_factory):
+    """stage -> the run folder of one process with --batch-size 16 (made on first use)."""
+    runs: dict[str, Path] = {}
+
+    def run(stage: str) -> Path:
+        if stage not in runs:
+            out = tmp_path_factory.mktemp(f"one-{stage}") / "run"
+            torch.set_num_threads(1)
+            assert main(_stage_args(stage, pipeline, out, batch=16)) == 0
+            runs[stage] = out
+        return runs[stage]
+
+    return run
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
 @pytest.mark.parametrize("stage", ["sft", "reward", "dpo"])
-def test_two_ranks_batch_b_match_one_process_batch_2b(pipeline, tmp_path, stage):
-    two, one = tmp_path / "two", tmp_path / "one"
-    p = _torchrun(_stage_args(stage, pipeline, two, batch=8), tmp_path)
+def test_two_ranks_batch_b_match_one_process_batch_2b(pipeline, one_process, tmp_path, stage,
+                                                      fsdp):  # fmt: skip
+    """DDP replicates the model, FSDP shards it; both must end where one process ends."""
+    two = tmp_path / "two"
+    p = _torchrun(_stage_args(stage, pipeline, two, batch=8) + (["--fsdp"] if fsdp else []),
+                  tmp_path)  # fmt: skip
     assert p.returncode == 0, p.stderr[-3000:]
-    torch.set_num_threads(1)
-    assert main(_stage_args(stage, pipeline, one, batch=16)) == 0
+    one = one_process(stage)
     assert sorted(x.name for x in two.iterdir()) == sorted(x.name for x in one.iterdir())
+    assert sorted(x.name for x in (two / "model").iterdir()) == sorted(
+        x.name for x in (one / "model").iterdir()
+    )  # the same folder as one process writes (FSDP: gathered full weights, not shards)
     steps = [json.loads(x)["step"] for x in (two / "metrics.jsonl").read_text().splitlines()]
     steps1 = [json.loads(x)["step"] for x in (one / "metrics.jsonl").read_text().splitlines()]
     assert steps == steps1  # one line per global step, written once (by rank 0)
@@ -82,7 +129,8 @@ def test_two_ranks_batch_b_match_one_process_batch_2b(pipeline, tmp_path, stage)
     assert m2.keys() == m1.keys()
     worst = max(float((m2[k] - m1[k]).abs().max()) for k in m1)
     assert worst < EQUIV_ATOL, worst
-    print(f"{stage}: 2 ranks vs 1 process, largest weight difference {worst:.2e}")
+    print(f"{stage}: 2 ranks ({'FSDP' if fsdp else 'DDP'}) vs 1 process, largest weight "
+          f"difference {worst:.2e}")  # fmt: skip
     if start is not None:  # and the runs did move: the match is not trivially true
         moved = max(float((m1[k] - start[k]).abs().max()) for k in m1 if k in start)
         assert moved > 100 * EQUIV_ATOL, moved
@@ -91,6 +139,24 @@ def test_two_ranks_batch_b_match_one_process_batch_2b(pipeline, tmp_path, stage)
     l1 = [json.loads(x).get("loss") for x in (one / "metrics.jsonl").read_text().splitlines()]
     assert [a for a in l2 if a is not None] == pytest.approx([a for a in l1 if a is not None],
                                                              rel=1e-4)  # fmt: skip
+    # stage.json counts every rank's tokens (less padding than one batch padded to its longest)
+    t2, t1 = (json.loads((r / "stage.json").read_text())["tokens_forward"] for r in (two, one))
+    assert 0.7 * t1 < t2 <= t1, (t2, t1)
+    # the last checkpoints match too: under FSDP they hold the full (gathered) weights and Adam
+    # state, keyed by parameter name instead of position, in the same parameter order
+    c2, c1 = (sorted((r / "checkpoints").glob("step_*"))[-1] for r in (two, one))
+    assert c2.name == c1.name
+    group = "policy" if stage == "dpo" else "model"
+    w2, w1 = load_file(c2 / f"{group}.safetensors"), load_file(c1 / f"{group}.safetensors")
+    assert w2.keys() == w1.keys()
+    assert max(float((w2[k] - w1[k]).abs().max()) for k in w1) < EQUIV_ATOL
+    o2, o1 = (torch.load(c / "optimizer.pt", weights_only=True)["optimizer"]["state"]
+              for c in (c2, c1))  # fmt: skip
+    names = {f"{group}.{k}" for k in w1 if k != "lm_head.weight"}  # tied to the embedding
+    assert (set(o2) == names) if fsdp else (list(o2) == list(o1))
+    for a, b in zip(o2.values(), o1.values(), strict=True):  # both in parameter order
+        assert a["exp_avg_sq"].shape == b["exp_avg_sq"].shape  # full, not a shard
+        assert float((a["exp_avg"] - b["exp_avg"]).abs().max()) < EQUIV_ATOL
 
 
 # --- PPO in two gloo processes ----------------------------------------------------------------
@@ -118,16 +184,24 @@ def _fixed_update(pipe: Path, rows: slice, dp) -> dict[str, torch.Tensor]:
     m = load_models(cfg)
     prompts = [r.prompt for r in load_requests(cfg.prompts) if r.split == "train"][:16]
     ro = rollout(m, cfg, prompts, torch.Generator().manual_seed(0))
+    # rows 0-5 end after 3 tokens (as at an EOS), so the halves hold unequal token counts
+    ro.response_mask[:6, 3:] = 0
+    ro.attention_mask[:6, ro.query_len + 3 :] = 0
     half = type(ro)(**{k: (v[rows] if isinstance(v, torch.Tensor) and k != "query_len" else v)
                        for k, v in vars(ro).items()})  # fmt: skip
     m.dp = dp
+    m.policy, m.value = dp.prepare(m.policy), dp.prepare(m.value)  # FSDP: sharded here
     m.train_policy, m.train_value = dp.wrap(m.policy), dp.wrap(m.value)
     params = [p for p in [*m.policy.parameters(), *m.value.parameters()] if p.requires_grad]
     cfg = _ppo_cfg(pipe, pipe / "unused", batch_size=n, minibatch_size=n)
-    ppo_step(m, cfg, half, adamw(params, cfg.learning_rate), FixedKLController(0.05),
-             torch.Generator().manual_seed(1))  # fmt: skip
-    return {**{f"policy.{k}": v.clone() for k, v in m.policy.state_dict().items()},
-            **{f"value.{k}": v.clone() for k, v in m.value.state_dict().items()}}  # fmt: skip
+    stats = ppo_step(m, cfg, half, adamw(params, cfg.learning_rate), FixedKLController(0.05),
+                     torch.Generator().manual_seed(1))  # fmt: skip
+    with dp.gathered(m.policy, m.value):
+        return {
+            **{f"policy.{k}": v.clone() for k, v in dp.module_state(m.policy).items()},
+            **{f"value.{k}": v.clone() for k, v in dp.module_state(m.value).items()},
+            "approx_kl": torch.tensor(stats["approx_kl"], dtype=torch.float64),
+        }
 
 
 CHANGES = ("os.rename", "os.replace", "os.remove", "os.unlink", "os.mkdir", "shutil.rmtree",
@@ -151,29 +225,78 @@ def _audit_writes(root: Path, seen: list[str]) -> None:
     sys.addaudithook(hook)
 
 
-def _ppo_worker(rank: int, pipe: str, out: str) -> None:
+def _ppo_worker(rank: int, pipe: str, out: str, fsdp: bool) -> None:
     from cliprail.rlhf.parallel import DataParallel
     from cliprail.rlhf.ppo import train_ppo
 
     init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=2)
     torch.set_num_threads(1)
-    dp = DataParallel.from_env()
+    dp = DataParallel.from_env(fsdp)
     res = {"eq": _fixed_update(Path(pipe), slice(rank * 8, (rank + 1) * 8), dp)}
     run = Path(out) / "train"
     writes: list[str] = []
     _audit_writes(run, writes)
-    train_ppo(_ppo_cfg(Path(pipe), run))  # the group exists: train_ppo joins it
+    train_ppo(_ppo_cfg(Path(pipe), run, fsdp=fsdp))  # the group exists: train_ppo joins it
     res["writes"] = writes
+    if fsdp:
+        res.update(_fsdp_checks(Path(pipe), run, Path(out), dp))
     # the trained weights as each rank holds them, from the last (rank 0's) checkpoint too
     torch.save(res, Path(out) / f"rank{rank}.pt")
     dist.destroy_process_group()
 
 
+def _fsdp_checks(pipe: Path, run: Path, out: Path, dp) -> dict:
+    """Under FSDP: generation of different lengths on each rank inside ``gathered`` (no
+    collective inside, so no hang), and a checkpoint round trip: the last checkpoint restored
+    into freshly sharded models and optimizer, then saved again under ``out/again``."""
+    import random
+
+    from cliprail.rlhf.common import adamw
+    from cliprail.rlhf.generation import generate
+    from cliprail.rlhf.ppo import load_models
+    from cliprail.rlhf.resume import StageCheckpointer
+
+    cfg = _ppo_cfg(pipe, run, fsdp=True)
+    m = load_models(cfg)
+    policy, value = dp.prepare(m.policy), dp.prepare(m.value)
+    q = torch.full((2, 4), m.tokenizer.eos_token_id + 1)
+    with dp.gathered(policy):
+        resp, _ = generate(policy, q, torch.ones_like(q), max_new_tokens=2 + 5 * dp.rank,
+                           eos_token_id=-1, pad_token_id=0)  # fmt: skip
+    lengths = dp.gather(resp.shape[1])  # a collective after uneven work: both ranks got here
+    params = [p for p in [*policy.parameters(), *value.parameters()] if p.requires_grad]
+    ckpt = StageCheckpointer(run, 0, {"policy": policy, "value": value},
+                             adamw(params, cfg.learning_rate),
+                             generators={"sampling": torch.Generator()},
+                             rngs={"prompts": random.Random()}, dp=dp)  # fmt: skip
+    restored = ckpt.restore()
+    assert restored is not None
+    path, state = restored
+    ckpt.root = out / "again"
+    ckpt.save(state["step"], {})
+    return {"lengths": lengths, "restored": path.name}
+
+
 @pytest.fixture(scope="module")
-def ppo_two_ranks(pipeline, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ppo-ddp")
-    mp.spawn(_ppo_worker, args=(str(pipeline), str(out)), nprocs=2, join=True)
-    return out, [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+def ppo_runs(pipeline, tmp_path_factory):
+    """fsdp -> (output folder, each rank's results) of the 2-process PPO worker, spawned on
+    first use."""
+    runs: dict[bool, tuple[Path, list[dict]]] = {}
+
+    def get(fsdp: bool) -> tuple[Path, list[dict]]:
+        if fsdp not in runs:
+            out = tmp_path_factory.mktemp("ppo-fsdp" if fsdp else "ppo-ddp")
+            mp.spawn(_ppo_worker, args=(str(pipeline), str(out), fsdp), nprocs=2, join=True)
+            runs[fsdp] = out, [torch.load(out / f"rank{r}.pt", weights_only=False)
+                               for r in range(2)]  # fmt: skip
+        return runs[fsdp]
+
+    return get
+
+
+@pytest.fixture(params=[False, True], ids=["ddp", "fsdp"])
+def ppo_two_ranks(request, ppo_runs):
+    return ppo_runs(request.param)
 
 
 def test_ppo_update_on_two_halves_matches_one_update_on_the_whole(pipeline, ppo_two_ranks):
@@ -183,9 +306,14 @@ def test_ppo_update_on_two_halves_matches_one_update_on_the_whole(pipeline, ppo_
     torch.set_num_threads(1)
     one = _fixed_update(pipeline, slice(0, 16), DataParallel(None))
     for k in one:
-        assert torch.equal(r0["eq"][k], r1["eq"][k]), k  # DDP: the ranks agree bitwise
+        assert torch.equal(r0["eq"][k], r1["eq"][k]), k  # the ranks agree bitwise
+    approx_kl = one.pop("approx_kl")
     worst = max(float((r0["eq"][k] - one[k]).abs().max()) for k in one)
     assert worst < 1e-5, worst
+    # the approx KL the early stop reads is the global token mean, not a mean of rank means
+    # (the halves hold different numbers of response tokens)
+    assert float(r0["eq"]["approx_kl"]) == pytest.approx(float(approx_kl), rel=1e-4)
+    assert float(approx_kl) > 0
     sft = load_file(pipeline / "sft" / "model" / "model.safetensors")
     moved = max(float((one[f"policy.{k}"] - v).abs().max()) for k, v in sft.items()
                 if f"policy.{k}" in one)  # fmt: skip
@@ -206,3 +334,24 @@ def test_ppo_training_on_two_ranks_one_writer(ppo_two_ranks):
     assert state["world_size"] == 2 and "1" in state["ranks"]
     rng = load_file(run / "checkpoints" / "step_00000002" / "rng.safetensors")
     assert not torch.equal(rng["gen.sampling"], rng["gen.sampling.rank1"])  # own streams
+
+
+def test_ppo_under_fsdp_matches_ddp_and_checkpoints_round_trip(ppo_runs):
+    out, (r0, r1) = ppo_runs(True)
+    assert r0["lengths"] == r1["lengths"] == [2, 7]  # uneven generation did not hang
+    # the FSDP run (same per-rank samples) ends where the DDP run ends: only the gradient
+    # reduction's summation order differs (measured 7e-9)
+    fsdp = load_file(out / "train" / "policy" / "model.safetensors")
+    ddp = load_file(ppo_runs(False)[0] / "train" / "policy" / "model.safetensors")
+    assert fsdp.keys() == ddp.keys()
+    assert max(float((fsdp[k] - ddp[k]).abs().max()) for k in ddp) < EQUIV_ATOL
+    # restored into fresh shards and saved again: the same full tensors, bitwise
+    name = r0["restored"]
+    a, b = out / "train" / "checkpoints" / name, out / "again" / name
+    for group in ("policy", "value"):
+        ta, tb = load_file(a / f"{group}.safetensors"), load_file(b / f"{group}.safetensors")
+        assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    oa, ob = (torch.load(c / "optimizer.pt", weights_only=True)["optimizer"] for c in (a, b))
+    assert oa["state"].keys() == ob["state"].keys()
+    for k, st in oa["state"].items():
+        assert all(torch.equal(st[x], ob["state"][k][x]) for x in st), k

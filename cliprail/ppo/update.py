@@ -231,4 +231,5 @@ def clip_grad_norm(params: list[Tensor], max_norm: float | None) -> Tensor:
         total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
     if max_norm is not None:
         torch._foreach_mul_(grads, torch.clamp(max_norm / (total + 1e-6), max=1.0))
-    return total
+    full = getattr(total, "full_tensor", None)  # FSDP's sharded gradients: a replicated DTensor
+    return full() if full is not None else total

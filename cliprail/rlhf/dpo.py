@@ -25,7 +25,7 @@ from cliprail.checkpoint import atomic_dir, atomic_write_json
 from cliprail.errors import ConfigError
 from cliprail.interrupt import StopRequest
 from cliprail.monitor import MetricsLogger, Progress
-from cliprail.ppo import dpo_loss, masked_mean, masked_sum
+from cliprail.ppo import clip_grad_norm, dpo_loss, masked_mean, masked_sum
 from cliprail.rlhf.common import Cost, EpochShuffle, adamw, seed_all, split_pairs
 from cliprail.rlhf.data import Batch, encode_pairs, load_preferences
 from cliprail.rlhf.models import (
@@ -88,6 +88,10 @@ class DPOConfig:
     resume: bool = False
     """Continue the unfinished run in --run-dir from its latest checkpoint, bitwise as if it
     had never stopped (the other flags must match the saved config.json)."""
+    fsdp: bool = False
+    """Under torchrun: shard the trained model over the ranks with FSDP2 (each holds 1/N of its
+    weights, gradients and Adam state) instead of replicating it under DDP; for models too
+    large for one device. No effect in one process."""
 
     def __post_init__(self) -> None:
         if self.beta <= 0:
@@ -150,7 +154,7 @@ def train_dpo(cfg: DPOConfig) -> dict[str, Any]:
     if cfg.prompts is not None:
         held_requests = [r for r in load_requests(cfg.prompts) if r.split == "eval"]
         held_requests = held_requests[: cfg.eval_prompts]
-    dp = DataParallel.from_env()
+    dp = DataParallel.from_env(cfg.fsdp)
     try:
         return _train_dpo(cfg, pairs, held_requests, dp)
     finally:
@@ -176,6 +180,7 @@ def _train_dpo(cfg: DPOConfig, pairs: list[dict[str, Any]], held_requests: list[
     # the reference pass over every pair, once; under torchrun shared out over the ranks
     ref_train = dp.map_rows(lambda rows: pair_logps(ref, tok, rows, cfg, cost), train)
     ref_held = dp.map_rows(lambda rows: pair_logps(ref, tok, rows, cfg, cost), held)
+    policy = dp.prepare(policy)  # --fsdp: sharded over the ranks; else as it is
     opt = adamw(policy.parameters(), cfg.learning_rate)
     shuffle = EpochShuffle(len(train), cfg.batch_size * dp.world, g)  # global batches
     total = cfg.epochs * shuffle.steps_per_epoch
@@ -197,9 +202,12 @@ def _train_dpo(cfg: DPOConfig, pairs: list[dict[str, Any]], held_requests: list[
         return {"evals": evals}
 
     def evaluate(epoch: int, step: int, log: MetricsLogger) -> None:
-        if not held_requests or not dp.is_main:  # rank 0 evaluates; nothing to agree on
+        if not held_requests:
             return
-        ev = evaluate_policy(policy, ref, tok, held_requests, sampling, reward, shift)
+        with dp.gathered(policy):  # --fsdp: whole on every rank while rank 0 samples
+            if not dp.is_main:  # rank 0 evaluates; nothing to agree on
+                return
+            ev = evaluate_policy(policy, ref, tok, held_requests, sampling, reward, shift)
         rec = {k: v for k, v in ev.items() if not isinstance(v, list)}
         rec["epoch"] = epoch
         evals.append(rec)
@@ -226,7 +234,7 @@ def _train_dpo(cfg: DPOConfig, pairs: list[dict[str, Any]], held_requests: list[
             loss = loss * scale
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+            grad_norm = clip_grad_norm(list(policy.parameters()), 1.0)
             opt.step()
             sched.step()
             cost.add(forward=b.input_ids.numel(), backward=b.input_ids.numel())
@@ -240,22 +248,24 @@ def _train_dpo(cfg: DPOConfig, pairs: list[dict[str, Any]], held_requests: list[
                 evaluate(epoch + 1, step + 1, log)
             ckpt.step_end(step + 1, stop, snapshot, f"after step {step + 1} of {total}")
         bar.close()
-        if not dp.is_main:
-            return {}
-        metrics: dict[str, Any] = {
-            "heldout_implicit_accuracy": implicit_accuracy(policy, tok, held, ref_held, cfg),
-            "train_implicit_accuracy": implicit_accuracy(
-                policy, tok, train[:500], ref_train[:500], cfg
-            ),
-            "pairs_train": len(train),
-            "pairs_heldout": len(held),
-            "evals": evals,
-        }
-        log.log(total + 1, {k: v for k, v in metrics.items() if k != "evals"})
-    out = cfg.run_dir / "model"
-    with atomic_dir(out) as tmp:
-        policy.save_pretrained(str(tmp))  # type: ignore[operator]
-        tok.save_pretrained(str(tmp))
+        ckpt.total_cost()
+        out = cfg.run_dir / "model"
+        with dp.gathered(policy):
+            if not dp.is_main:
+                return {}
+            metrics: dict[str, Any] = {
+                "heldout_implicit_accuracy": implicit_accuracy(policy, tok, held, ref_held, cfg),
+                "train_implicit_accuracy": implicit_accuracy(
+                    policy, tok, train[:500], ref_train[:500], cfg
+                ),
+                "pairs_train": len(train),
+                "pairs_heldout": len(held),
+                "evals": evals,
+            }
+            log.log(total + 1, {k: v for k, v in metrics.items() if k != "evals"})
+            with atomic_dir(out) as tmp:
+                policy.save_pretrained(str(tmp), **dp.pretrained_state(policy))  # type: ignore[operator]
+                tok.save_pretrained(str(tmp))
     cost.wall_s = ckpt.wall_s()
     atomic_write_json(cfg.run_dir / "dpo_metrics.json", metrics)
     cost.write(cfg.run_dir, policy=str(out))  # last: a run with stage.json is finished

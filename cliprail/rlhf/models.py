@@ -182,10 +182,18 @@ class ScalarHeadModel(nn.Module):
         """``(B,)`` the scalar at each sequence's last real token."""
         return last_token_scores(self(input_ids, attention_mask), attention_mask)
 
-    def save(self, path: Path, extra: dict[str, Any] | None = None) -> None:
+    def save(self, path: Path, extra: dict[str, Any] | None = None,
+             state_dict: dict[str, Tensor] | None = None) -> None:  # fmt: skip
+        """Save to ``path``: the trunk as a Hugging Face folder, the head beside it. Pass the
+        full ``state_dict`` when the parameters are sharded (FSDP)."""
         path.mkdir(parents=True, exist_ok=True)
-        self.trunk.save_pretrained(str(path))  # type: ignore[operator]
-        save_file({k: v.contiguous() for k, v in self.head.state_dict().items()},
+        if state_dict is None:
+            trunk_state, head_state = None, self.head.state_dict()
+        else:
+            trunk_state = {k[6:]: v for k, v in state_dict.items() if k.startswith("trunk.")}
+            head_state = {k[5:]: v for k, v in state_dict.items() if k.startswith("head.")}
+        self.trunk.save_pretrained(str(path), state_dict=trunk_state)  # type: ignore[operator]
+        save_file({k: v.contiguous() for k, v in head_state.items()},
                   str(path / HEAD_FILE))  # fmt: skip
         (path / "scalar_head.json").write_text(json.dumps(extra or {}, indent=2))
 

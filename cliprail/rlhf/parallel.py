@@ -23,13 +23,31 @@ stage. Each rank reads the same input files and model folders (on every node), a
 * lets **rank 0 alone write** the run folder (config, metrics, checkpoints, models) and run the
   held-out evaluations (PPO's fuse, DPO's per-epoch evaluations), whose decisions it broadcasts.
 
+With ``--fsdp`` the trained models are sharded instead of replicated (FSDP2,
+:func:`torch.distributed.fsdp.fully_shard`): :meth:`DataParallel.prepare` shards every
+transformer block the model declares (its ``_no_split_modules``, e.g. ``GPT2Block``) and then
+the rest of the model (embeddings, final norm, heads), so each rank holds ``1/W`` of the
+parameters, gradients and Adam state; a block's parameters are all-gathered just before its
+forward and backward and the gradients reduce-scattered after. The data sharding and the loss
+scaling above are unchanged (FSDP averages gradients over ranks as DDP does). What changes:
+
+* the optimizer is built over the sharded parameters, after :meth:`DataParallel.prepare`;
+* passes that are not in lockstep on every rank (generation, whose length depends on the
+  prompts; rank 0's evaluations and saves) run inside :meth:`DataParallel.gathered`, which
+  unshards the whole model once on every rank and keeps it whole until the block ends, so they
+  need no collective;
+* checkpoints hold full (unsharded) weights and the optimizer state keyed by parameter name
+  (:meth:`DataParallel.module_state`, :meth:`DataParallel.optimizer_state`), so a checkpoint
+  or a saved model folder is the same files a 1-process run writes.
+
 With one process :meth:`DataParallel.from_env` returns a :class:`DataParallel` with
 ``dist=None``, and every method is the identity: the single-process path is unchanged.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -37,9 +55,20 @@ import torch
 from torch import Tensor
 
 from cliprail.distributed import Distributed
+from cliprail.errors import ConfigError
 from cliprail.ppo import UpdateSync, masked_whiten
 
 T = TypeVar("T")
+M = TypeVar("M", bound=torch.nn.Module)
+
+
+def transformer_blocks(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The submodules of ``module`` whose class a Hugging Face model names in its
+    ``_no_split_modules`` (its transformer blocks): FSDP's unit of sharding."""
+    names: set[str] = set()
+    for m in module.modules():
+        names.update(getattr(m, "_no_split_modules", None) or ())
+    return [m for m in module.modules() if m is not module and type(m).__name__ in names]
 
 
 @dataclass
@@ -47,12 +76,16 @@ class DataParallel:
     """This process's place in an RLHF job (``dist`` is None for a single process)."""
 
     dist: Distributed | None
+    fsdp: bool = False
+    """Shard the trained models with FSDP2 instead of replicating them under DDP (only with
+    more than one rank: one process holds the whole model either way)."""
 
     @classmethod
-    def from_env(cls) -> DataParallel:
+    def from_env(cls, fsdp: bool = False) -> DataParallel:
         """Join the job torchrun started (gloo: the RLHF stages run on CPU), or a single
         process. Not a collective."""
-        return cls(Distributed.from_env("cpu"))
+        dist = Distributed.from_env("cpu")
+        return cls(dist, fsdp and dist is not None)
 
     @property
     def rank(self) -> int:
@@ -71,14 +104,118 @@ class DataParallel:
             self.dist.close()
 
     # --- models and data --------------------------------------------------------------------
+    def prepare(self, module: M) -> M:
+        """Under ``--fsdp``: ``module`` sharded in place over the ranks (rank 0's weights, so
+        every rank starts equal); build its optimizer after this. Otherwise ``module`` as it is.
+        A collective."""
+        if self.dist is None or not self.fsdp:
+            return module
+        from torch.distributed.fsdp import fully_shard
+
+        blocks = transformer_blocks(module)
+        if not blocks:
+            raise ConfigError(f"--fsdp: {type(module).__name__} declares no transformer block "
+                              "class (_no_split_modules) to shard by")  # fmt: skip
+        self.dist.broadcast_([*module.parameters(), *module.buffers()])
+        for block in blocks:
+            fully_shard(block)
+        fully_shard(module)  # the root: embeddings, final norm, heads (tied weights together)
+        return module
+
     def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
-        """``module`` under DDP (which broadcasts rank 0's parameters and buffers on entry, so
-        every rank starts equal); ``module`` itself for one process."""
-        if self.dist is None:
+        """The module the training passes call: ``module`` under DDP (which broadcasts rank 0's
+        parameters and buffers on entry, so every rank starts equal); ``module`` itself for one
+        process or under ``--fsdp`` (already sharded by :meth:`prepare`)."""
+        if self.dist is None or self.fsdp:
             return module
         from torch.nn.parallel import DistributedDataParallel
 
         return DistributedDataParallel(module)
+
+    @contextlib.contextmanager
+    def gathered(self, *modules: torch.nn.Module) -> Iterator[None]:
+        """Under ``--fsdp``: ``modules`` whole on every rank until the block ends (one
+        all-gather per block on entry, none inside), so a pass that is not in lockstep on every
+        rank (generation, rank 0's evaluation or save) needs no collective. Gradients must not
+        flow inside. A collective on entry; a no-op without FSDP."""
+        from torch.distributed.fsdp import FSDPModule
+
+        fsdp = [m for root in modules for m in root.modules() if isinstance(m, FSDPModule)]
+        if not self.fsdp or not fsdp:
+            yield
+            return
+        for m in fsdp:
+            m.set_reshard_after_forward(False)
+            m.unshard()
+        try:
+            yield
+        finally:
+            for m in fsdp:
+                m.reshard()
+                m.set_reshard_after_forward(True)
+
+    def module_state(self, module: torch.nn.Module) -> dict[str, Tensor]:
+        """``module``'s full state dict as plain tensors. Under ``--fsdp`` call it inside
+        :meth:`gathered`: it reads the whole parameters every rank holds there (not through
+        ``state_dict()``, whose FSDP hook hands back the shards); not a collective."""
+        if not self.fsdp:
+            return module.state_dict()
+        state: dict[str, Tensor] = {}
+        for name, sub in module.named_modules(remove_duplicate=False):
+            prefix = f"{name}." if name else ""
+            for k, p in sub._parameters.items():
+                if p is not None:
+                    state[prefix + k] = p.detach()
+            for k, b in sub._buffers.items():
+                if b is not None and k not in sub._non_persistent_buffers_set:
+                    state[prefix + k] = b
+        return state
+
+    def pretrained_state(self, module: torch.nn.Module) -> dict[str, Any]:
+        """Keyword arguments for ``module.save_pretrained`` (inside :meth:`gathered`): the full
+        ``state_dict`` under ``--fsdp``, nothing otherwise."""
+        return {"state_dict": self.module_state(module)} if self.fsdp else {}
+
+    def load_module_state(self, module: torch.nn.Module, state: dict[str, Tensor]) -> None:
+        """Load a full state dict (the same on every rank) into ``module``, sharded or not."""
+        if not self.fsdp:
+            module.load_state_dict(state)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(
+            module, dict[str, Any](state), options=StateDictOptions(full_state_dict=True)
+        )
+
+    def optimizer_state(self, modules: dict[str, torch.nn.Module],
+                        optimizer: torch.optim.Optimizer) -> dict[str, Any]:  # fmt: skip
+        """``optimizer.state_dict()``; under ``--fsdp`` the full state keyed by parameter name
+        (``<module name>.<parameter>``), on rank 0 (empty elsewhere). A collective with FSDP."""
+        if not self.fsdp:
+            return optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_optimizer_state_dict,
+        )
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return dict(get_optimizer_state_dict(torch.nn.ModuleDict(modules), optimizer,
+                                             options=opts))  # fmt: skip
+
+    def load_optimizer_state(self, modules: dict[str, torch.nn.Module],
+                             optimizer: torch.optim.Optimizer,
+                             state: dict[str, Any]) -> None:  # fmt: skip
+        """Load what :meth:`optimizer_state` returned on rank 0 (given on every rank)."""
+        if not self.fsdp:
+            optimizer.load_state_dict(state)
+            return
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_optimizer_state_dict,
+        )
+
+        set_optimizer_state_dict(torch.nn.ModuleDict(modules), optimizer, state,
+                                 options=StateDictOptions(full_state_dict=True))  # fmt: skip
 
     def shard(self, global_idx: list[T]) -> tuple[list[T], bool]:
         """This rank's rows of a global batch: ``global_idx[rank::W]``, and whether they are
@@ -140,7 +277,7 @@ class DataParallel:
     def check_same(self, modules: list[torch.nn.Module]) -> None:
         """Raise unless the parameters of ``modules`` are bitwise equal on every rank (a guard
         at each checkpoint: data-parallel replicas must never drift). A collective."""
-        if self.dist is None:
+        if self.dist is None or self.fsdp:  # sharded: each rank holds its own part
             return
         flat = torch.cat([p.detach().reshape(-1).float() for m in modules
                           for p in m.parameters()])  # fmt: skip
@@ -152,4 +289,4 @@ class DataParallel:
         return [obj] if self.dist is None else self.dist.gather_objects(obj)
 
 
-__all__ = ["DataParallel"]
+__all__ = ["DataParallel", "transformer_blocks"]

@@ -145,6 +145,10 @@ class PPOConfig:
     resume: bool = False
     """Continue the unfinished run in --run-dir from its latest checkpoint, bitwise as if it
     had never stopped (the other flags must match the saved config.json)."""
+    fsdp: bool = False
+    """Under torchrun: shard the policy and value over the ranks with FSDP2 (each holds 1/N of
+    their weights, gradients and Adam state) instead of replicating them under DDP; for models
+    too large for one device. No effect in one process."""
 
     def __post_init__(self) -> None:
         if self.batch_size % self.minibatch_size:
@@ -224,11 +228,12 @@ def values_of(value_model: ScalarHeadModel, ids: Tensor, mask: Tensor, query_len
 @torch.no_grad()
 def rollout(m: Models, cfg: PPOConfig, prompts: list[str], g: torch.Generator) -> Rollout:
     s = cfg.sampling()
-    x = sample(m.policy, m.tokenizer, prompts, s, g)
-    Lq = x.query_len
-    logprobs = token_logprobs(m.policy, x.input_ids, x.attention_mask, Lq, cfg.temperature)
+    with m.dp.gathered(m.policy, m.value):  # --fsdp: whole models while ranks run unevenly
+        x = sample(m.policy, m.tokenizer, prompts, s, g)
+        Lq = x.query_len
+        logprobs = token_logprobs(m.policy, x.input_ids, x.attention_mask, Lq, cfg.temperature)
+        values = values_of(m.value, x.input_ids, x.attention_mask, Lq)
     ref_logprobs = token_logprobs(m.ref, x.input_ids, x.attention_mask, Lq, cfg.temperature)
-    values = values_of(m.value, x.input_ids, x.attention_mask, Lq)
     scores = score(m.reward, m.reward_shift, x, m.tokenizer.eos_token_id, s)
     m.cost.add(forward=5 * x.positions)  # generation, policy, reference, value, reward
     return Rollout(x.input_ids, x.attention_mask, x.response_mask, Lq, logprobs, ref_logprobs,
@@ -340,7 +345,11 @@ def ppo_step(m: Models, cfg: PPOConfig, ro: Rollout, optimizer: torch.optim.Opti
         loss = pg_loss + cfg.vf_coef * v_loss - cfg.ent_coef * ent
         # token means of this minibatch -> its share of the global minibatch's token mean (DDP
         # averages the gradients over ranks); 1.0 for one process
-        loss = loss * dp.loss_scale(float(mask.sum()))
+        scale = dp.loss_scale(float(mask.sum()))
+        loss = loss * scale
+        # likewise the approx KL: the mean over ranks that the early stop reads is then the
+        # global minibatch's token mean, as in one process
+        stats["approx_kl"] = stats["approx_kl"] * scale
         stats.update(v_stats)
         stats.update(e_stats)
         stats["policy_loss"], stats["value_loss"] = pg_loss.detach(), v_loss.detach()
@@ -389,7 +398,7 @@ def train_ppo(cfg: PPOConfig) -> dict[str, Any]:
     red = [r for r in requests if r.split == "redteam"][: cfg.eval_prompts]
     if not train:
         raise DataError(f"{cfg.prompts}: no requests with split 'train'")
-    dp = DataParallel.from_env()
+    dp = DataParallel.from_env(cfg.fsdp)
     try:
         if dp.world > 1 and len(train) < cfg.batch_size * dp.world:  # equal shards: lockstep
             raise ConfigError(f"{cfg.prompts}: {len(train)} training prompts, fewer than the "
@@ -408,6 +417,7 @@ def _train_ppo(cfg: PPOConfig, train: list[Request], held: list[Request], red: l
         g.manual_seed(cfg.seed + dp.rank)
     m = load_models(cfg)
     m.dp = dp
+    m.policy, m.value = dp.prepare(m.policy), dp.prepare(m.value)  # --fsdp: shard; else as is
     params = [p for p in [*m.policy.parameters(), *m.value.parameters()] if p.requires_grad]
     optimizer = adamw(params, cfg.learning_rate)
     kl_ctl: FixedKLController | ZieglerKLController = (
@@ -468,7 +478,8 @@ def _train_ppo(cfg: PPOConfig, train: list[Request], held: list[Request], red: l
 
     def fuse_halts(update: int, log: MetricsLogger) -> bool:
         """The fuse on rank 0 (the others wait for its decision)."""
-        return dp.from_main(lambda: run_fuse(update, log))
+        with dp.gathered(m.policy):
+            return dp.from_main(lambda: run_fuse(update, log))
 
     with (
         StopRequest() as stop,
@@ -506,13 +517,20 @@ def _train_ppo(cfg: PPOConfig, train: list[Request], held: list[Request], red: l
                 break
             ckpt.step_end(update, stop, snapshot, f"after update {update} of {n_updates}")
     bar.close()
-    if not dp.is_main:
+    ckpt.total_cost()
+    return _finish(m, cfg, fuse, ckpt.wall_s())
+
+
+def _finish(m: Models, cfg: PPOConfig, fuse: dict[str, Any], wall_s: float) -> dict[str, Any]:
+    """Rank 0 saves the final policy, fuse.json and, last, stage.json (a finished run)."""
+    with m.dp.gathered(m.policy):
+        if m.dp.is_main:
+            save_policy(m, cfg.run_dir / "policy")
+    if not m.dp.is_main:
         return fuse
-    save_policy(m, cfg.run_dir / "policy")
     fuse["best_checkpoint"] = str(cfg.run_dir / "best") if cfg.eval_every else None
-    fuse["wall_s"] = m.cost.wall_s = ckpt.wall_s()
+    fuse["wall_s"] = m.cost.wall_s = wall_s
     atomic_write_json(cfg.run_dir / "fuse.json", fuse)
-    # last: a run with stage.json is finished
     m.cost.write(cfg.run_dir, policy=str(cfg.run_dir / ("best" if cfg.eval_every else "policy")))
     return fuse
 
@@ -520,5 +538,5 @@ def _train_ppo(cfg: PPOConfig, train: list[Request], held: list[Request], red: l
 def save_policy(m: Models, path: Path) -> None:
     path.mkdir(parents=True, exist_ok=True)
     with atomic_dir(path) as tmp:
-        m.policy.save_pretrained(str(tmp))  # type: ignore[operator]
+        m.policy.save_pretrained(str(tmp), **m.dp.pretrained_state(m.policy))  # type: ignore[operator]
         m.tokenizer.save_pretrained(str(tmp))

@@ -143,25 +143,34 @@ class StageCheckpointer:
         """Checkpoint ``step`` with the stage's JSON ``state``; returns the folder (None on
         ranks other than 0). A collective under torchrun."""
         ranks = self.dp.gather(self._rng_state())
+        costs = self.dp.gather(self.cost.state_dict() if self.cost is not None else {})
         self.dp.check_same(list(self.modules.values()))
+        optimizer = self.dp.optimizer_state(self.modules, self.optimizer)
+        with self.dp.gathered(*self.modules.values()):  # --fsdp: whole weights, then write
+            tensors: dict[str, dict[str, torch.Tensor]] = {
+                name: dict(self.dp.module_state(m)) for name, m in self.modules.items()
+            }
+            return self._write(step, state, ranks, costs, tensors, optimizer)
+
+    def _write(self, step: int, state: dict[str, Any], ranks: list[Any],
+               costs: list[dict[str, Any]], tensors: dict[str, dict[str, torch.Tensor]],
+               optimizer: dict[str, Any]) -> Path | None:  # fmt: skip
+        """Rank 0 writes the checkpoint (the others return None)."""
         self.last_saved = step
         if not self.dp.is_main:
             return None
-        tensors: dict[str, dict[str, torch.Tensor]] = {
-            name: dict(m.state_dict()) for name, m in self.modules.items()
-        }
         rng_tensors, rng_json = ranks[0]
         full = {**state, "step": step, "world_size": self.dp.world, "wall_s": self.wall_s(),
                 **rng_json}  # fmt: skip
-        if self.cost is not None:
-            full["cost"] = self.cost.state_dict()
+        if self.cost is not None:  # every rank's tokens (restored to rank 0, 0 elsewhere)
+            full["cost"] = {k: sum(c[k] for c in costs) for k in costs[0]}
         if self.shuffle is not None:
             full["shuffle"] = self.shuffle.state_dict()
         for r, (t, j) in enumerate(ranks[1:], start=1):
             rng_tensors.update({f"{k}.rank{r}": v for k, v in t.items()})
             full.setdefault("ranks", {})[str(r)] = j
         tensors["rng"] = rng_tensors
-        opt = {"optimizer": self.optimizer.state_dict(),
+        opt = {"optimizer": optimizer,
                "scheduler": self.scheduler.state_dict() if self.scheduler else None}  # fmt: skip
         return save_checkpoint(self.root, f"step_{step:08d}", tensors, full, opt, keep_last=2)
 
@@ -194,8 +203,8 @@ class StageCheckpointer:
         own = state["ranks"][str(self.dp.rank)] if self.dp.rank else state
         try:
             for name, m in self.modules.items():
-                m.load_state_dict(tensors[name])
-            self.optimizer.load_state_dict(opt["optimizer"])
+                self.dp.load_module_state(m, tensors[name])
+            self.dp.load_optimizer_state(self.modules, self.optimizer, opt["optimizer"])
             if self.scheduler is not None:
                 self.scheduler.load_state_dict(opt["scheduler"])
             rng = tensors["rng"]
@@ -208,7 +217,8 @@ class StageCheckpointer:
             for k, r in self.rngs.items():
                 r.setstate(py_rng_from_json(own["rngs"][k]))
             if self.cost is not None:
-                self.cost.load_state_dict(state["cost"])
+                self.cost.load_state_dict(state["cost"] if self.dp.is_main else
+                                          dict.fromkeys(state["cost"], 0))  # fmt: skip
             if self.shuffle is not None:
                 self.shuffle.load_state_dict(state["shuffle"])
             self.elapsed = float(state["wall_s"])
@@ -216,6 +226,15 @@ class StageCheckpointer:
             raise CheckpointError(f"{path}: does not fit this stage's models ({exc})") from None
         self.last_saved = int(state["step"])
         return path, state
+
+    def total_cost(self) -> None:
+        """At the end of the stage: on rank 0, the cost counters become every rank's tokens
+        (for ``stage.json``). A collective; nothing to do for one process."""
+        if self.cost is None or self.dp.world == 1:
+            return
+        costs = self.dp.gather(self.cost.state_dict())
+        if self.dp.is_main:
+            self.cost.load_state_dict({k: sum(c[k] for c in costs) for k in costs[0]})
 
     def wall_s(self) -> float:
         """Wall seconds of the whole run so far, earlier (resumed-from) processes included."""

@@ -69,6 +69,10 @@ class RewardConfig:
     resume: bool = False
     """Continue the unfinished run in --run-dir from its latest checkpoint, bitwise as if it
     had never stopped (the other flags must match the saved config.json)."""
+    fsdp: bool = False
+    """Under torchrun: shard the trained model over the ranks with FSDP2 (each holds 1/N of its
+    weights, gradients and Adam state) instead of replicating it under DDP; for models too
+    large for one device. No effect in one process."""
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "max_prompt_len", "max_response_len"):
@@ -117,7 +121,7 @@ def train_reward(cfg: RewardConfig) -> dict[str, Any]:
     rank trains on its share of each global batch (see :mod:`cliprail.rlhf.parallel`) and rank
     0 evaluates and saves."""
     pairs = load_preferences(cfg.data)
-    dp = DataParallel.from_env()
+    dp = DataParallel.from_env(cfg.fsdp)
     try:
         return _train_reward(cfg, pairs, dp)
     finally:
@@ -134,6 +138,7 @@ def _train_reward(cfg: RewardConfig, pairs: list[dict[str, Any]], dp: DataParall
     lm = load_causal_lm(cfg.sft_model, cfg.trust_remote_code)
     check_vocab(tok, lm, str(cfg.sft_model))
     rm = ScalarHeadModel.from_causal_lm(lm)
+    rm = dp.prepare(rm)  # --fsdp: sharded over the ranks; else as it is
     train, held = split_pairs(pairs, cfg.holdout, g)
     opt = adamw(rm.parameters(), cfg.learning_rate)
     shuffle = EpochShuffle(len(train), cfg.batch_size * dp.world, g)  # global batches
@@ -175,15 +180,18 @@ def _train_reward(cfg: RewardConfig, pairs: list[dict[str, Any]], dp: DataParall
             bar.update(step + 1, f"loss {row['loss']:.3f}")
             ckpt.step_end(step + 1, stop, dict, f"after step {step + 1} of {total}")
         bar.close()
-        if dp.is_main:  # rank 0 evaluates and saves; the others are done
-            metrics = _finish(rm, tok, train, held, cfg)
-            log.log(total + 1, metrics)
+        ckpt.total_cost()
+        out = cfg.run_dir / "model"
+        with dp.gathered(rm):
+            if dp.is_main:  # rank 0 evaluates and saves; the others are done
+                metrics = _finish(rm, tok, train, held, cfg)
+                log.log(total + 1, metrics)
+                with atomic_dir(out) as tmp:
+                    rm.save(tmp, {"shift": metrics["reward_shift"], **metrics},
+                            state_dict=dp.module_state(rm) if dp.fsdp else None)  # fmt: skip
+                    tok.save_pretrained(str(tmp))
     if not dp.is_main:
         return {}
-    out = cfg.run_dir / "model"
-    with atomic_dir(out) as tmp:
-        rm.save(tmp, {"shift": metrics["reward_shift"], **metrics})
-        tok.save_pretrained(str(tmp))
     cost.wall_s = ckpt.wall_s()
     atomic_write_json(cfg.run_dir / "reward_metrics.json", metrics)
     cost.write(cfg.run_dir, model=str(out))  # last: a run with stage.json is finished

@@ -75,6 +75,10 @@ class SFTConfig:
     resume: bool = False
     """Continue the unfinished run in --run-dir from its latest checkpoint, bitwise as if it
     had never stopped (the other flags must match the saved config.json)."""
+    fsdp: bool = False
+    """Under torchrun: shard the trained model over the ranks with FSDP2 (each holds 1/N of its
+    weights, gradients and Adam state) instead of replicating it under DDP; for models too
+    large for one device. No effect in one process."""
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "max_prompt_len", "max_response_len", "n_layer",
@@ -97,7 +101,7 @@ def train_sft(cfg: SFTConfig) -> Path:
     """Run SFT; returns the folder of the fine-tuned model (with its tokenizer). Under torchrun
     every rank trains on its share of each global batch (see :mod:`cliprail.rlhf.parallel`)."""
     demos = read_jsonl(cfg.data, ("prompt", "response"))
-    dp = DataParallel.from_env()
+    dp = DataParallel.from_env(cfg.fsdp)
     try:
         return _train_sft(cfg, demos, dp)
     finally:
@@ -130,6 +134,7 @@ def _train_sft(cfg: SFTConfig, demos: list[dict[str, Any]], dp: DataParallel) ->
         model = load_causal_lm(cfg.model, cfg.trust_remote_code)
         check_vocab(tokenizer, model, str(cfg.model))
     model.train()
+    model = dp.prepare(model)  # --fsdp: sharded over the ranks; else as it is
     opt = adamw(model.parameters(), cfg.learning_rate)
     shuffle = EpochShuffle(len(demos), cfg.batch_size * dp.world, g)  # global batches
     total = cfg.epochs * shuffle.steps_per_epoch
@@ -168,10 +173,13 @@ def _train_sft(cfg: SFTConfig, demos: list[dict[str, Any]], dp: DataParallel) ->
             ckpt.step_end(step + 1, stop, dict, f"after step {step + 1} of {total}")
     bar.close()
     out = cfg.run_dir / "model"
+    with dp.gathered(model):
+        if dp.is_main:
+            with atomic_dir(out) as tmp:
+                model.save_pretrained(str(tmp), **dp.pretrained_state(model))  # type: ignore[operator]
+                tokenizer.save_pretrained(str(tmp))
+    ckpt.total_cost()
     if dp.is_main:
-        with atomic_dir(out) as tmp:
-            model.save_pretrained(str(tmp))  # type: ignore[operator]
-            tokenizer.save_pretrained(str(tmp))
         cost.wall_s = ckpt.wall_s()
         cost.write(cfg.run_dir, policy=str(out))  # last: a run with stage.json is finished
     return out
