@@ -57,14 +57,13 @@ def _torchrun(args: list[str], cwd: Path, env: dict[str, str] | None = None
     )  # fmt: skip
 
 
-def test_fsdp_sft_killed_and_resumed_under_torchrun_is_bitwise_the_same_run(pipeline,
+def test_fsdp_sft_killed_and_resumed_under_torchrun_is_bitwise_the_same_run(two_ranks,
+                                                                            pipeline,
                                                                             tmp_path):  # fmt: skip
     """2 ranks under --fsdp: SIGKILLed after step 5 (checkpoint at 3), --resume with 2 ranks
     gathers the full optimizer state back into shards and ends bitwise where an uninterrupted
     run ends, with the same metrics lines."""
-    whole, cut = tmp_path / "whole", tmp_path / "cut"
-    args = [*_stage_args("sft", pipeline, whole, batch=8), "--fsdp"]
-    assert _torchrun(args, tmp_path).returncode == 0
+    whole, cut = two_ranks("sft", True), tmp_path / "cut"
     args = [*_stage_args("sft", pipeline, cut, batch=8), "--fsdp"]
     p = _torchrun(args, tmp_path, {"CLIPRAIL_KILL_AT": "rlhf-step:5"})
     assert p.returncode != 0 and not (cut / "model").exists()
@@ -92,6 +91,24 @@ EQUIV_ATOL = 1e-5
 
 
 @pytest.fixture(scope="module")
+def two_ranks(pipeline, tmp_path_factory):
+    """(stage, fsdp) -> the run folder of ``torchrun --nproc_per_node=2`` with --batch-size 8
+    (made on first use)."""
+    runs: dict[tuple[str, bool], Path] = {}
+
+    def run(stage: str, fsdp: bool) -> Path:
+        if (stage, fsdp) not in runs:
+            tmp = tmp_path_factory.mktemp(f"two-{stage}-{'fsdp' if fsdp else 'ddp'}")
+            args = [*_stage_args(stage, pipeline, tmp / "run", batch=8), *(["--fsdp"] * fsdp)]
+            p = _torchrun(args, tmp)
+            assert p.returncode == 0, p.stderr[-3000:]
+            runs[stage, fsdp] = tmp / "run"
+        return runs[stage, fsdp]
+
+    return run
+
+
+@pytest.fixture(scope="module")
 def one_process(pipeline, tmp_path_factory):
     """stage -> the run folder of one process with --batch-size 16 (made on first use)."""
     runs: dict[str, Path] = {}
@@ -109,14 +126,10 @@ def one_process(pipeline, tmp_path_factory):
 
 @pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
 @pytest.mark.parametrize("stage", ["sft", "reward", "dpo"])
-def test_two_ranks_batch_b_match_one_process_batch_2b(pipeline, one_process, tmp_path, stage,
+def test_two_ranks_batch_b_match_one_process_batch_2b(pipeline, two_ranks, one_process, stage,
                                                       fsdp):  # fmt: skip
     """DDP replicates the model, FSDP shards it; both must end where one process ends."""
-    two = tmp_path / "two"
-    p = _torchrun(_stage_args(stage, pipeline, two, batch=8) + (["--fsdp"] if fsdp else []),
-                  tmp_path)  # fmt: skip
-    assert p.returncode == 0, p.stderr[-3000:]
-    one = one_process(stage)
+    two, one = two_ranks(stage, fsdp), one_process(stage)
     assert sorted(x.name for x in two.iterdir()) == sorted(x.name for x in one.iterdir())
     assert sorted(x.name for x in (two / "model").iterdir()) == sorted(
         x.name for x in (one / "model").iterdir()
