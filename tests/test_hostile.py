@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from cliprail.cli import main
 
@@ -198,6 +199,21 @@ def test_impossible_values_in_other_stages(pipeline, tmp_path, capsys, argv, nee
                             "--reward-model", "z"]}  # fmt: skip
     rc = main([*argv, *common[argv[1]], "--run-dir", str(tmp_path / "r")])
     _one_line_error(capsys, rc, needle)
+
+
+@pytest.mark.parametrize(
+    "device,needle",
+    [("cuda", "this machine has no CUDA GPU"), ("tpu", "not a device"),
+     ("meta", "the RLHF stages run on cpu or cuda")],
+)  # fmt: skip
+def test_a_device_this_machine_lacks(pipeline, tmp_path, capsys, device, needle):
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    data = pipeline / "data" / "demonstrations.jsonl"
+    rc = main(["rlhf", "sft", "--data", str(data), "--run-dir", str(tmp_path / "r"),
+               "--device", device])  # fmt: skip
+    _one_line_error(capsys, rc, f"--device {device}", needle)
+    assert not (tmp_path / "r" / "model").exists()
 
 
 def test_prompt_longer_than_the_context_window(pipeline, tmp_path, capsys):

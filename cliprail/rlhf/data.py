@@ -92,6 +92,11 @@ class Batch:
     response_mask: Tensor  # (B, Lr) real response tokens (EOS included)
     query_len: int
 
+    def to(self, device: torch.device | str) -> Batch:
+        """The batch on ``device`` (itself when it is there already)."""
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device),
+                     self.response_mask.to(device), self.query_len)  # fmt: skip
+
 
 def encode_prompts(tokenizer: Any, prompts: list[str], max_len: int) -> tuple[Tensor, Tensor]:
     """Left-padded ``(B, Lq)`` ids and mask. A prompt longer than ``max_len`` tokens is an

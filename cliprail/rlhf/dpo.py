@@ -33,6 +33,7 @@ from cliprail.rlhf.models import (
     check_vocab,
     load_causal_lm,
     load_tokenizer,
+    model_device,
     token_logprobs,
 )
 from cliprail.rlhf.parallel import DataParallel
@@ -92,6 +93,9 @@ class DPOConfig:
     """Under torchrun: shard the trained model over the ranks with FSDP2 (each holds 1/N of its
     weights, gradients and Adam state) instead of replicating it under DDP; for models too
     large for one device. No effect in one process."""
+    device: str = "cpu"
+    """Where the models run: cpu, or cuda (one GPU; under torchrun each rank uses GPU
+    LOCAL_RANK and the ranks talk over NCCL instead of gloo)."""
 
     def __post_init__(self) -> None:
         if self.beta <= 0:
@@ -129,10 +133,10 @@ def pair_logps(model: torch.nn.Module, tok: Any, pairs: list[dict[str, Any]], cf
     """``(N, 2)`` log-probs of (chosen, rejected) of every pair, in chunks, without gradients."""
     out = [torch.zeros(0, 2)]
     for i in range(0, len(pairs), chunk):
-        b = _encode(tok, pairs[i : i + chunk], cfg)
+        b = _encode(tok, pairs[i : i + chunk], cfg).to(model_device(model))
         if cost is not None:
             cost.add(forward=b.input_ids.numel())
-        out.append(sequence_logps(model, b, average=cfg.loss_type == "ipo").view(2, -1).T)
+        out.append(sequence_logps(model, b, average=cfg.loss_type == "ipo").view(2, -1).T.cpu())
     return torch.cat(out)
 
 
@@ -154,7 +158,7 @@ def train_dpo(cfg: DPOConfig) -> dict[str, Any]:
     if cfg.prompts is not None:
         held_requests = [r for r in load_requests(cfg.prompts) if r.split == "eval"]
         held_requests = held_requests[: cfg.eval_prompts]
-    dp = DataParallel.from_env(cfg.fsdp)
+    dp = DataParallel.from_env(cfg.fsdp, cfg.device)
     try:
         return _train_dpo(cfg, pairs, held_requests, dp)
     finally:
@@ -170,11 +174,13 @@ def _train_dpo(cfg: DPOConfig, pairs: list[dict[str, Any]], held_requests: list[
     tok = load_tokenizer(cfg.sft_model, cfg.trust_remote_code)
     policy = load_causal_lm(cfg.sft_model, cfg.trust_remote_code)
     check_vocab(tok, policy, str(cfg.sft_model))
+    policy = policy.to(dp.device)
     ref = copy.deepcopy(policy).requires_grad_(False).eval()
     policy.eval()  # dropout off: the log-ratio must be 0 at the start
     reward, shift = None, 0.0
     if cfg.reward_model is not None:
-        reward = ScalarHeadModel.load(cfg.reward_model, cfg.trust_remote_code).eval()
+        reward = ScalarHeadModel.load(cfg.reward_model, cfg.trust_remote_code)
+        reward = reward.to(dp.device).eval()
         shift = float(reward.meta(cfg.reward_model).get("shift", 0.0))
     cost = Cost("dpo")
     # the reference pass over every pair, once; under torchrun shared out over the ranks
@@ -223,11 +229,12 @@ def _train_dpo(cfg: DPOConfig, pairs: list[dict[str, Any]], held_requests: list[
         for step in range(start, total):
             epoch, global_idx = shuffle.indices(step)
             idx, real = dp.shard(global_idx)
-            b = _encode(tok, [train[i] for i in idx], cfg)
+            b = _encode(tok, [train[i] for i in idx], cfg).to(dp.device)
             lp = sequence_logps(train_policy, b, average=cfg.loss_type == "ipo")  # (2n,)
             n = len(idx)
             loss, stats = dpo_loss(
-                lp[:n], lp[n:], ref_train[idx, 0], ref_train[idx, 1], beta=cfg.beta,
+                lp[:n], lp[n:], ref_train[idx, 0].to(dp.device), ref_train[idx, 1].to(dp.device),
+                beta=cfg.beta,
                 loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing,
             )  # fmt: skip
             scale = dp.loss_scale(n if real else 0)  # the global batch's mean

@@ -28,6 +28,8 @@ def sample_token(
         keep = sorted_p.cumsum(-1) - sorted_p < top_p  # the smallest set with mass >= top_p
         sorted_p = sorted_p * keep
         probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p)
+    if generator is not None and generator.device != probs.device:  # a CPU stream, GPU model:
+        return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(probs.device)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 

@@ -220,6 +220,12 @@ class ScalarHeadModel(nn.Module):
         return json.loads(f.read_text()) if f.is_file() else {}
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """The device ``model``'s parameters live on (the CPU for a model without any)."""
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
     """Position ids that skip left padding: ``cumsum(mask) - 1``, clamped at 0 (REFERENCES
     pitfall: generation and the training forward must agree on them)."""

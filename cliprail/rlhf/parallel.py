@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
@@ -80,12 +80,29 @@ class DataParallel:
     """Shard the trained models with FSDP2 instead of replicating them under DDP (only with
     more than one rank: one process holds the whole model either way)."""
 
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    """Where this rank's models and batches live (under torchrun on CUDA: GPU LOCAL_RANK)."""
+
     @classmethod
-    def from_env(cls, fsdp: bool = False) -> DataParallel:
-        """Join the job torchrun started (gloo: the RLHF stages run on CPU), or a single
-        process. Not a collective."""
-        dist = Distributed.from_env("cpu")
-        return cls(dist, fsdp and dist is not None)
+    def from_env(cls, fsdp: bool = False, device: str = "cpu") -> DataParallel:
+        """Join the job torchrun started (gloo on CPU, NCCL on CUDA), or a single process on
+        ``device``. Not a collective. Raises :class:`ConfigError` for a device this machine
+        does not have."""
+        try:
+            dev = torch.device(device)
+        except RuntimeError:
+            raise ConfigError(f"--device {device}: not a device (cpu, cuda, cuda:N)") from None
+        if dev.type not in ("cpu", "cuda"):
+            raise ConfigError(f"--device {device}: the RLHF stages run on cpu or cuda")
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"--device {device}: this machine has no CUDA GPU (or this torch "
+                              "build has no CUDA); use --device cpu")  # fmt: skip
+        dist = Distributed.from_env(device)
+        if dist is not None:
+            dev = dist.device  # cuda:LOCAL_RANK under torchrun
+        elif dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        return cls(dist, fsdp and dist is not None, dev)
 
     @property
     def rank(self) -> int:

@@ -149,6 +149,9 @@ class PPOConfig:
     """Under torchrun: shard the policy and value over the ranks with FSDP2 (each holds 1/N of
     their weights, gradients and Adam state) instead of replicating them under DDP; for models
     too large for one device. No effect in one process."""
+    device: str = "cpu"
+    """Where the models run: cpu, or cuda (one GPU; under torchrun each rank uses GPU
+    LOCAL_RANK and the ranks talk over NCCL instead of gloo)."""
 
     def __post_init__(self) -> None:
         if self.batch_size % self.minibatch_size:
@@ -192,7 +195,7 @@ class Models:
     """The value model as the loss calls it (DDP under torchrun)."""
 
 
-def load_models(cfg: PPOConfig) -> Models:
+def load_models(cfg: PPOConfig, device: torch.device | str = "cpu") -> Models:
     tok = load_tokenizer(cfg.sft_model, cfg.trust_remote_code)
     policy = load_causal_lm(cfg.sft_model, cfg.trust_remote_code)
     check_vocab(tok, policy, str(cfg.sft_model))
@@ -201,7 +204,7 @@ def load_models(cfg: PPOConfig) -> Models:
     value = ScalarHeadModel.load(cfg.reward_model, cfg.trust_remote_code)  # init from the RM
     shift = float(reward.meta(cfg.reward_model).get("shift", 0.0))
     for m in (policy, ref, reward, value):
-        m.eval()  # dropout off in every model (Huang et al. 2024)
+        m.to(device).eval()  # dropout off in every model (Huang et al. 2024)
     return Models(tok, policy, ref, value, reward, shift)
 
 
@@ -248,7 +251,7 @@ def token_rewards(ro: Rollout, beta: float, estimator: str) -> tuple[Tensor, Ten
     kl = torch.where(mask, kl, torch.zeros_like(kl))
     rewards = -beta * kl
     last = last_token_index(ro.response_mask)  # (B,)
-    rewards[torch.arange(len(last)), last] += ro.scores
+    rewards[torch.arange(len(last), device=last.device), last] += ro.scores
     return rewards, kl
 
 
@@ -261,7 +264,9 @@ def advantages_and_returns(
     mask = ro.response_mask.bool()
     next_values = torch.cat([ro.values[:, 1:], torch.zeros_like(ro.values[:, :1])], 1)
     terminated = torch.zeros_like(mask)
-    terminated[torch.arange(mask.shape[0]), last_token_index(ro.response_mask)] = True
+    terminated[
+        torch.arange(mask.shape[0], device=mask.device), last_token_index(ro.response_mask)
+    ] = True
     adv, ret = gae(rewards, ro.values, next_values, terminated, None, gamma=cfg.gamma,
                    lam=cfg.lam, mask=mask, time_dim=1)  # fmt: skip
     return whiten(adv, mask), ret  # whitened over the whole batch
@@ -398,7 +403,7 @@ def train_ppo(cfg: PPOConfig) -> dict[str, Any]:
     red = [r for r in requests if r.split == "redteam"][: cfg.eval_prompts]
     if not train:
         raise DataError(f"{cfg.prompts}: no requests with split 'train'")
-    dp = DataParallel.from_env(cfg.fsdp)
+    dp = DataParallel.from_env(cfg.fsdp, cfg.device)
     try:
         if dp.world > 1 and len(train) < cfg.batch_size * dp.world:  # equal shards: lockstep
             raise ConfigError(f"{cfg.prompts}: {len(train)} training prompts, fewer than the "
@@ -415,7 +420,7 @@ def _train_ppo(cfg: PPOConfig, train: list[Request], held: list[Request], red: l
     g = seed_all(cfg.seed)
     if dp.rank:  # each rank samples its own tokens (rank 0: the single-process stream)
         g.manual_seed(cfg.seed + dp.rank)
-    m = load_models(cfg)
+    m = load_models(cfg, dp.device)
     m.dp = dp
     m.policy, m.value = dp.prepare(m.policy), dp.prepare(m.value)  # --fsdp: shard; else as is
     params = [p for p in [*m.policy.parameters(), *m.value.parameters()] if p.requires_grad]

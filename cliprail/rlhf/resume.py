@@ -132,6 +132,8 @@ class StageCheckpointer:
         """This rank's RNG states: (tensors, JSON)."""
         tensors = {"torch": torch.get_rng_state(),
                    **{f"gen.{k}": g.get_state() for k, g in self.generators.items()}}  # fmt: skip
+        if self.dp.device.type == "cuda":  # dropout in SFT and the reward model on a GPU
+            tensors["cuda"] = torch.cuda.get_rng_state(self.dp.device)
         np_state: Any = np.random.get_state()
         return tensors, {
             "python_rng": py_rng_to_json(random.getstate()),
@@ -209,6 +211,8 @@ class StageCheckpointer:
                 self.scheduler.load_state_dict(opt["scheduler"])
             rng = tensors["rng"]
             torch.set_rng_state(rng[f"torch{sfx}"])
+            if self.dp.device.type == "cuda":
+                torch.cuda.set_rng_state(rng[f"cuda{sfx}"], self.dp.device)
             for k, g in self.generators.items():
                 g.set_state(rng[f"gen.{k}{sfx}"])
             random.setstate(py_rng_from_json(own["python_rng"]))

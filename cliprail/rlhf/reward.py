@@ -27,6 +27,7 @@ from cliprail.rlhf.models import (
     last_token_scores,
     load_causal_lm,
     load_tokenizer,
+    model_device,
 )
 from cliprail.rlhf.parallel import DataParallel
 from cliprail.rlhf.resume import StageCheckpointer, begin_run
@@ -73,6 +74,9 @@ class RewardConfig:
     """Under torchrun: shard the trained model over the ranks with FSDP2 (each holds 1/N of its
     weights, gradients and Adam state) instead of replicating it under DDP; for models too
     large for one device. No effect in one process."""
+    device: str = "cpu"
+    """Where the models run: cpu, or cuda (one GPU; under torchrun each rank uses GPU
+    LOCAL_RANK and the ranks talk over NCCL instead of gloo)."""
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "max_prompt_len", "max_response_len"):
@@ -90,7 +94,8 @@ class RewardConfig:
 def _scores(rm: ScalarHeadModel, tok: Any, prompts: list[str], responses: list[str],
             cfg: RewardConfig) -> torch.Tensor:  # fmt: skip
     b = encode_pairs(tok, prompts, responses, cfg.max_prompt_len, cfg.max_response_len)
-    return rm.score(b.input_ids, b.attention_mask)
+    b = b.to(model_device(rm))
+    return rm.score(b.input_ids, b.attention_mask).cpu()
 
 
 @torch.no_grad()
@@ -121,7 +126,7 @@ def train_reward(cfg: RewardConfig) -> dict[str, Any]:
     rank trains on its share of each global batch (see :mod:`cliprail.rlhf.parallel`) and rank
     0 evaluates and saves."""
     pairs = load_preferences(cfg.data)
-    dp = DataParallel.from_env(cfg.fsdp)
+    dp = DataParallel.from_env(cfg.fsdp, cfg.device)
     try:
         return _train_reward(cfg, pairs, dp)
     finally:
@@ -138,7 +143,7 @@ def _train_reward(cfg: RewardConfig, pairs: list[dict[str, Any]], dp: DataParall
     lm = load_causal_lm(cfg.sft_model, cfg.trust_remote_code)
     check_vocab(tok, lm, str(cfg.sft_model))
     rm = ScalarHeadModel.from_causal_lm(lm)
-    rm = dp.prepare(rm)  # --fsdp: sharded over the ranks; else as it is
+    rm = dp.prepare(rm.to(dp.device))  # --fsdp: sharded over the ranks; else as it is
     train, held = split_pairs(pairs, cfg.holdout, g)
     opt = adamw(rm.parameters(), cfg.learning_rate)
     shuffle = EpochShuffle(len(train), cfg.batch_size * dp.world, g)  # global batches
@@ -164,7 +169,7 @@ def _train_reward(cfg: RewardConfig, pairs: list[dict[str, Any]], dp: DataParall
             # chosen and rejected in one forward: (2B,) scores
             b = encode_pairs(tok, prompts + prompts, [p["chosen"] for p in chunk]
                              + [p["rejected"] for p in chunk], cfg.max_prompt_len,
-                             cfg.max_response_len)  # fmt: skip
+                             cfg.max_response_len).to(dp.device)  # fmt: skip
             s = last_token_scores(train_rm(b.input_ids, b.attention_mask), b.attention_mask)
             margin = s[: len(chunk)] - s[len(chunk) :]
             scale = dp.loss_scale(len(chunk) if real else 0)  # the global batch's mean

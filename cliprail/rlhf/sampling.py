@@ -17,7 +17,7 @@ from torch import Tensor
 from cliprail.ppo import kl_estimate
 from cliprail.rlhf.data import DataError, encode_prompts, read_jsonl
 from cliprail.rlhf.generation import generate
-from cliprail.rlhf.models import ScalarHeadModel, token_logprobs
+from cliprail.rlhf.models import ScalarHeadModel, model_device, token_logprobs
 from cliprail.scenarios.healthcare import Request, Verdict, judge
 
 CRITERIA = ("gold", "scheduling", "safety", "honesty", "helpfulness", "concision")
@@ -67,6 +67,8 @@ def sample(
 ) -> Samples:  # fmt: skip
     """One batch of responses to ``prompts`` (KV-cached generation, stop at EOS)."""
     q, qm = encode_prompts(tokenizer, prompts, s.max_prompt_len)
+    dev = model_device(policy)
+    q, qm = q.to(dev), qm.to(dev)
     resp, rmask = generate(
         policy, q, qm, max_new_tokens=s.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, temperature=s.temperature, top_p=s.top_p,

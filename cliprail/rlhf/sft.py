@@ -79,6 +79,9 @@ class SFTConfig:
     """Under torchrun: shard the trained model over the ranks with FSDP2 (each holds 1/N of its
     weights, gradients and Adam state) instead of replicating it under DDP; for models too
     large for one device. No effect in one process."""
+    device: str = "cpu"
+    """Where the models run: cpu, or cuda (one GPU; under torchrun each rank uses GPU
+    LOCAL_RANK and the ranks talk over NCCL instead of gloo)."""
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "max_prompt_len", "max_response_len", "n_layer",
@@ -101,7 +104,7 @@ def train_sft(cfg: SFTConfig) -> Path:
     """Run SFT; returns the folder of the fine-tuned model (with its tokenizer). Under torchrun
     every rank trains on its share of each global batch (see :mod:`cliprail.rlhf.parallel`)."""
     demos = read_jsonl(cfg.data, ("prompt", "response"))
-    dp = DataParallel.from_env(cfg.fsdp)
+    dp = DataParallel.from_env(cfg.fsdp, cfg.device)
     try:
         return _train_sft(cfg, demos, dp)
     finally:
@@ -134,7 +137,7 @@ def _train_sft(cfg: SFTConfig, demos: list[dict[str, Any]], dp: DataParallel) ->
         model = load_causal_lm(cfg.model, cfg.trust_remote_code)
         check_vocab(tokenizer, model, str(cfg.model))
     model.train()
-    model = dp.prepare(model)  # --fsdp: sharded over the ranks; else as it is
+    model = dp.prepare(model.to(dp.device))  # --fsdp: sharded over the ranks; else as it is
     opt = adamw(model.parameters(), cfg.learning_rate)
     shuffle = EpochShuffle(len(demos), cfg.batch_size * dp.world, g)  # global batches
     total = cfg.epochs * shuffle.steps_per_epoch
@@ -156,7 +159,7 @@ def _train_sft(cfg: SFTConfig, demos: list[dict[str, Any]], dp: DataParallel) ->
             idx, real = dp.shard(global_idx)
             b = encode_pairs(tokenizer, [demos[i]["prompt"] for i in idx],
                              [demos[i]["response"] for i in idx], cfg.max_prompt_len,
-                             cfg.max_response_len)  # fmt: skip
+                             cfg.max_response_len).to(dp.device)  # fmt: skip
             logprobs = token_logprobs(train_model, b.input_ids, b.attention_mask, b.query_len)
             count = b.response_mask.sum() if real else torch.zeros(())
             # the mean over response tokens only; under torchrun over the global batch's tokens
