@@ -134,3 +134,9 @@ class Progress:
         if self._bar is not None:
             self._bar.stop()
             self._bar = None
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()  # also when a stop or an error leaves the loop: its line prints clean

@@ -46,3 +46,15 @@ def test_next_save_removes_a_half_written_checkpoint(tmp_path):
     assert latest_checkpoint(root).name == "update_01"
     save_checkpoint(root, "update_03", {"m": {"w": torch.ones(2)}}, {"step": 3})
     assert not stale.exists() and latest_checkpoint(root).name == "update_03"
+
+
+def test_progress_bar_closes_when_a_stop_leaves_the_loop():
+    """The stages hold their bar in the ``with`` of the loop: a stop or an error stops the live
+    display before the one-line message prints (else the message lands inside the bar)."""
+    from cliprail.monitor import Progress
+
+    with pytest.raises(RuntimeError), Progress(3, "x", enabled=True) as bar:
+        bar.update(1)
+        assert bar._bar is not None and bar._bar.live.is_started
+        raise RuntimeError("stop")
+    assert bar._bar is None

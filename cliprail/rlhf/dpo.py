@@ -220,7 +220,7 @@ def _train_dpo(cfg: DPOConfig, pairs: list[dict[str, Any]], held_requests: list[
         log.log(step, {f"eval/{k}": v for k, v in rec.items()})
 
     bar = Progress(total, "DPO", cfg.progress and dp.is_main, completed=start)
-    with StopRequest() as stop, MetricsLogger(
+    with bar, StopRequest() as stop, MetricsLogger(
         cfg.run_dir, tensorboard=True, resume_step=_resume_step(cfg.resume, restored, start),
         enabled=dp.is_main,
     ) as log:  # fmt: skip

@@ -487,6 +487,7 @@ def _train_ppo(cfg: PPOConfig, train: list[Request], held: list[Request], red: l
             return dp.from_main(lambda: run_fuse(update, log))
 
     with (
+        bar,
         StopRequest() as stop,
         MetricsLogger(
             cfg.run_dir,

@@ -156,7 +156,7 @@ def _train_reward(cfg: RewardConfig, pairs: list[dict[str, Any]], dp: DataParall
     train_rm = dp.wrap(rm)  # DDP after the restore: it starts from rank 0's weights
 
     bar = Progress(total, "reward model", cfg.progress and dp.is_main, completed=start)
-    with StopRequest() as stop, MetricsLogger(
+    with bar, StopRequest() as stop, MetricsLogger(
         cfg.run_dir, tensorboard=False, resume_step=_resume_step(cfg.resume, restored, start),
         enabled=dp.is_main,
     ) as log:  # fmt: skip

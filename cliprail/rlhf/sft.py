@@ -150,7 +150,7 @@ def _train_sft(cfg: SFTConfig, demos: list[dict[str, Any]], dp: DataParallel) ->
     train_model = dp.wrap(model)  # DDP after the restore: it starts from rank 0's weights
 
     bar = Progress(total, "SFT", cfg.progress and dp.is_main, completed=start)
-    with StopRequest() as stop, MetricsLogger(
+    with bar, StopRequest() as stop, MetricsLogger(
         cfg.run_dir, tensorboard=False, resume_step=_resume_step(cfg.resume, restored, start),
         enabled=dp.is_main,
     ) as log:  # fmt: skip
