@@ -180,3 +180,29 @@ def test_a_nan_reward_model_halts_the_run_and_keeps_the_best(pipeline, capsys, m
     assert [r["skipped_update"] for r in rows if "skipped_update" in r] == [1.0, 1.0]
     assert (run / "best" / "model.safetensors").is_file()  # the last good policy is kept
     assert not (run / "policy").exists()
+
+
+def test_the_fuse_never_keeps_a_checkpoint_past_the_kl_budget(pipeline, tmp_path, monkeypatch):
+    """An evaluation whose KL passed the budget halts the run and is not a best candidate, even
+    with the highest gold score (the evaluations are stubbed: gold and KL rise together)."""
+    import cliprail.rlhf.ppo as ppo_mod
+    from cliprail.rlhf.ppo import PPOConfig, train_ppo
+
+    calls: list[int] = []
+
+    def fake_eval(m, cfg, requests, policy=None):
+        calls.append(1)
+        k = (len(calls) - 1) // 2  # held-out and red-team evaluations alternate
+        return {"gold": 0.1 * k, "kl_ref": 0.3 * k, "proxy_reward": 0.0}
+
+    monkeypatch.setattr(ppo_mod, "evaluate_policy", fake_eval)
+    data = pipeline / "data"
+    fuse = train_ppo(PPOConfig(prompts=data / "prompts.jsonl", sft_model=pipeline / "sft" / "model",
+                               reward_model=pipeline / "rm" / "model", run_dir=tmp_path / "run",
+                               total_episodes=32, batch_size=8, minibatch_size=8, epochs=1,
+                               max_new_tokens=4, eval_every=1, eval_prompts=2, kl_budget=0.5,
+                               progress=False))  # fmt: skip
+    # update 1: gold 0.1, KL 0.3 (kept); update 2: gold 0.2, KL 0.6 > 0.5 (halts, not kept)
+    assert [e["update"] for e in fuse["evals"]] == [0, 1, 2]
+    assert fuse["halted"].startswith("KL to the reference 0.60 nats passed the budget 0.5")
+    assert fuse["best_update"] == 1 and fuse["best_gold"] == pytest.approx(0.1)

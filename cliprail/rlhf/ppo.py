@@ -462,10 +462,11 @@ def _train_ppo(cfg: PPOConfig, train: list[Request], held: list[Request], red: l
         rec["update"] = update
         fuse["evals"].append(rec)
         log.log(update * global_batch, {f"eval/{k}": v for k, v in rec.items()})
-        if rec["gold"] > fuse["best_gold"]:
+        over_budget = cfg.kl_budget is not None and rec["kl_ref"] > cfg.kl_budget
+        if rec["gold"] > fuse["best_gold"] and not over_budget:  # never keep a blown budget
             fuse["best_gold"], fuse["best_update"] = rec["gold"], update
             save_policy(m, cfg.run_dir / "best")
-        if cfg.kl_budget is not None and rec["kl_ref"] > cfg.kl_budget:
+        if over_budget:
             fuse["halted"] = (f"KL to the reference {rec['kl_ref']:.2f} nats passed the budget "
                               f"{cfg.kl_budget} at update {update}")  # fmt: skip
             return True
