@@ -4,6 +4,9 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 BENCH  := $(VENV)/.installed-bench
+# Let Python cache the bytecode of what it imports (some machines set PYTHONDONTWRITEBYTECODE,
+# and then every test subprocess would recompile torch's and transformers' modules)
+PY     := env -u PYTHONDONTWRITEBYTECODE
 
 .PHONY: setup test lint demo bench clean
 
@@ -12,8 +15,8 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	# --no-compile: Python compiles what is imported on first use; byte-compiling all of torch
-	# and transformers up front took 80 of the 120 s of a fresh install here
+	# --no-compile: Python compiles what is imported on first use and caches it (PY below);
+	# byte-compiling all of torch and transformers up front took 80 of the 120 s of an install
 	$(BIN)/python -m pip install --quiet --no-compile -c constraints.txt -e '.[dev,atari]'
 	touch $(STAMP)
 
@@ -28,13 +31,13 @@ lint: $(STAMP)
 	$(BIN)/mypy cliprail
 
 test: lint
-	$(BIN)/pytest -q
+	$(PY) $(BIN)/pytest -q
 
 demo: $(STAMP)
-	$(BIN)/cliprail demo
+	$(PY) $(BIN)/cliprail demo
 
 bench: $(BENCH)
-	$(BIN)/python benchmarks/rl_throughput.py
+	$(PY) $(BIN)/python benchmarks/rl_throughput.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -100,8 +100,8 @@ class DataParallel:
         dist = Distributed.from_env(device)
         if dist is not None:
             dev = dist.device  # cuda:LOCAL_RANK under torchrun
-        elif dev.type == "cuda":
-            torch.cuda.set_device(dev)
+        elif dev.type == "cuda" and dev.index is not None:
+            torch.cuda.set_device(dev)  # cuda:N becomes the current device
         return cls(dist, fsdp and dist is not None, dev)
 
     @property
@@ -155,12 +155,12 @@ class DataParallel:
         all-gather per block on entry, none inside), so a pass that is not in lockstep on every
         rank (generation, rank 0's evaluation or save) needs no collective. Gradients must not
         flow inside. A collective on entry; a no-op without FSDP."""
+        if not self.fsdp:
+            yield
+            return
         from torch.distributed.fsdp import FSDPModule
 
         fsdp = [m for root in modules for m in root.modules() if isinstance(m, FSDPModule)]
-        if not self.fsdp or not fsdp:
-            yield
-            return
         for m in fsdp:
             m.set_reshard_after_forward(False)
             m.unshard()
