@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from datetime import timedelta
 from typing import Any, TypeVar
 
 import numpy as np
@@ -167,7 +168,10 @@ class Distributed:
             backend = backend_for(dev)
             if backend == "gloo" and not dist.is_gloo_available():
                 raise ConfigError("this torch build has no gloo backend for CPU runs")
-            init_process_group(backend)  # env:// rendezvous: what torchrun sets up
+            # env:// rendezvous: what torchrun sets up. NCCL's watchdog would abort after 10
+            # minutes while rank 0 alone evaluates or writes a large model; gloo waits 30
+            kw = {"timeout": timedelta(minutes=60)} if backend == "nccl" else {}
+            init_process_group(backend, **kw)
         return cls(dist.get_rank(), dist.get_world_size(), local_rank, dev, not initialised)
 
     @property

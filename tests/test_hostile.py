@@ -173,6 +173,7 @@ CONFIG_CASES = [
     ({"--gamma": "1.5"}, "--gamma in (0, 1]"),
     ({"--clip-range": "-0.1"}, "--clip-range"),
     ({"--kl-coef": "-1"}, "--kl-coef >= 0"),
+    ({"--kl-budget": "-1"}, "--kl-budget must be >= 0 nats"),
 ]  # fmt: skip
 
 

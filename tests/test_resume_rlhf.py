@@ -220,3 +220,23 @@ def test_crash_before_the_first_checkpoint_resumes_from_the_start(
     assert (run / "metrics.jsonl").read_text() and not (run / "checkpoints").exists()
     _in_process([*args, "--resume"])  # the saved --checkpoint-every may change on resume
     _assert_same_run(straight["dpo"], run)
+
+
+def test_resume_accepts_a_run_saved_before_a_field_existed(tmp_path):
+    """A config.json written before ``fsdp``/``device`` existed resumes with their defaults; a
+    non-default value is still a changed config."""
+    from cliprail.configio import config_to_dict
+    from cliprail.errors import ConfigError
+    from cliprail.rlhf.resume import begin_run
+    from cliprail.rlhf.sft import SFTConfig
+
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = SFTConfig(data=tmp_path / "d.jsonl", run_dir=run, resume=True)
+    old = json.loads(json.dumps(config_to_dict(cfg)))
+    del old["fsdp"], old["device"]
+    (run / "config.json").write_text(json.dumps(old))
+    begin_run(run, cfg)  # no error
+    with pytest.raises(ConfigError, match="device"):
+        begin_run(run, SFTConfig(data=tmp_path / "d.jsonl", run_dir=run, resume=True,
+                                 device="cuda"))  # fmt: skip

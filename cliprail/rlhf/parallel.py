@@ -97,6 +97,9 @@ class DataParallel:
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"--device {device}: this machine has no CUDA GPU (or this torch "
                               "build has no CUDA); use --device cpu")  # fmt: skip
+        if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+            raise ConfigError(f"--device {device}: this machine has "
+                              f"{torch.cuda.device_count()} GPU(s)")  # fmt: skip
         dist = Distributed.from_env(device)
         if dist is not None:
             dev = dist.device  # cuda:LOCAL_RANK under torchrun
@@ -167,9 +170,10 @@ class DataParallel:
         try:
             yield
         finally:
-            for m in fsdp:
-                m.reshard()
-                m.set_reshard_after_forward(True)
+            for m in fsdp:  # back to fully_shard's defaults: a root keeps its parameters
+                m.reshard()  # after forward (backward needs them at once), blocks free theirs
+                m.set_reshard_after_forward(not any(m is root for root in modules),
+                                            recurse=False)  # fmt: skip
 
     def module_state(self, module: torch.nn.Module) -> dict[str, Tensor]:
         """``module``'s full state dict as plain tensors. Under ``--fsdp`` call it inside
@@ -208,8 +212,8 @@ class DataParallel:
                         optimizer: torch.optim.Optimizer) -> dict[str, Any]:  # fmt: skip
         """``optimizer.state_dict()``; under ``--fsdp`` the full state keyed by parameter name
         (``<module name>.<parameter>``), on rank 0 (empty elsewhere). A collective with FSDP."""
-        if not self.fsdp:
-            return optimizer.state_dict()
+        if not self.fsdp or not optimizer.state:  # no step yet: nothing sharded to gather
+            return optimizer.state_dict()  # (the gather would run a phantom lr-0 step first)
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             get_optimizer_state_dict,
@@ -223,7 +227,7 @@ class DataParallel:
                              optimizer: torch.optim.Optimizer,
                              state: dict[str, Any]) -> None:  # fmt: skip
         """Load what :meth:`optimizer_state` returned on rank 0 (given on every rank)."""
-        if not self.fsdp:
+        if not self.fsdp or not state["state"]:  # saved before any step: as built
             optimizer.load_state_dict(state)
             return
         from torch.distributed.checkpoint.state_dict import (

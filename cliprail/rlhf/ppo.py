@@ -146,9 +146,10 @@ class PPOConfig:
     """Continue the unfinished run in --run-dir from its latest checkpoint, bitwise as if it
     had never stopped (the other flags must match the saved config.json)."""
     fsdp: bool = False
-    """Under torchrun: shard the policy and value over the ranks with FSDP2 (each holds 1/N of
-    their weights, gradients and Adam state) instead of replicating them under DDP; for models
-    too large for one device. No effect in one process."""
+    """Under torchrun: shard the policy and value over the ranks with FSDP2 instead of
+    replicating them under DDP: each rank holds 1/N of their weights, gradients and Adam state
+    while training; rollouts and evaluations gather them whole, and the frozen reference and
+    reward models stay whole on every rank. No effect in one process."""
     device: str = "cpu"
     """Where the models run: cpu, or cuda (one GPU; under torchrun each rank uses GPU
     LOCAL_RANK and the ranks talk over NCCL instead of gloo)."""
@@ -171,6 +172,8 @@ class PPOConfig:
             raise ConfigError("--eval-every must be >= 0, --eval-prompts and --fuse-patience > 0")
         if self.checkpoint_every < 0:
             raise ConfigError(f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
+        if self.kl_budget is not None and not self.kl_budget >= 0:
+            raise ConfigError(f"--kl-budget must be >= 0 nats, got {self.kl_budget}")
 
     def sampling(self) -> Sampling:
         return Sampling(self.max_new_tokens, self.temperature, self.top_p, self.max_prompt_len,

@@ -16,6 +16,7 @@ rlhf-step:n`` SIGKILLs the process.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import signal
@@ -65,6 +66,10 @@ def begin_run(run_dir: Path, cfg: Any) -> None:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{cfg_path}: unreadable ({exc})") from None
     given = json.loads(json.dumps(config_to_dict(cfg)))  # tuples -> lists, as saved
+    # a field added after the run was saved (e.g. fsdp, device) had its default then
+    for f in dataclasses.fields(cfg):
+        if f.name not in saved and f.default is not dataclasses.MISSING:
+            saved[f.name] = json.loads(json.dumps(f.default, default=str))
     diffs = [f"{k} (saved {saved.get(k)!r}, given {v!r})" for k, v in given.items()
              if k not in RESUMABLE_OVERRIDES and saved.get(k) != v]  # fmt: skip
     if diffs:

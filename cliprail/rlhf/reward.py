@@ -71,9 +71,10 @@ class RewardConfig:
     """Continue the unfinished run in --run-dir from its latest checkpoint, bitwise as if it
     had never stopped (the other flags must match the saved config.json)."""
     fsdp: bool = False
-    """Under torchrun: shard the trained model over the ranks with FSDP2 (each holds 1/N of its
-    weights, gradients and Adam state) instead of replicating it under DDP; for models too
-    large for one device. No effect in one process."""
+    """Under torchrun: shard the trained model over the ranks with FSDP2 instead of replicating
+    it under DDP: each rank holds 1/N of its weights, gradients and Adam state while training;
+    evaluations and saves gather it whole, and frozen models stay whole on every rank. No
+    effect in one process."""
     device: str = "cpu"
     """Where the models run: cpu, or cuda (one GPU; under torchrun each rank uses GPU
     LOCAL_RANK and the ranks talk over NCCL instead of gloo)."""
