@@ -1,5 +1,6 @@
-"""Pieces every RLHF stage shares: seeding, run folders, the held-out split of preference pairs,
-resumable epoch shuffles, AdamW and the cost record (``stage.json``)."""
+"""Pieces every RLHF stage shares: the run options of their configs, seeding, run folders, the
+held-out split of preference pairs, resumable epoch shuffles, AdamW and the cost record
+(``stage.json``)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,31 @@ import torch
 
 from cliprail.checkpoint import atomic_write_json
 from cliprail.configio import config_to_dict
-from cliprail.errors import RunDirError
+from cliprail.errors import ConfigError, RunDirError
+
+
+@dataclass(frozen=True, kw_only=True)
+class StageOptions:
+    """How an RLHF stage runs, whatever it trains: the base of the four stage configs."""
+
+    checkpoint_every: int = 100
+    """Save a resumable checkpoint every this many optimizer steps (0: only on SIGINT/SIGTERM);
+    the newest two are kept under <run_dir>/checkpoints."""
+    resume: bool = False
+    """Continue the unfinished run in --run-dir from its latest checkpoint, bitwise as if it
+    had never stopped (the other flags must match the saved config.json)."""
+    fsdp: bool = False
+    """Under torchrun: shard the trained models over the ranks with FSDP2 instead of
+    replicating them under DDP: each rank holds 1/N of their weights, gradients and Adam state
+    while training; generation, evaluations and saves gather them whole, and frozen models
+    stay whole on every rank. No effect in one process."""
+    device: str = "cpu"
+    """Where the models run: cpu, or cuda (one GPU; under torchrun each rank uses GPU
+    LOCAL_RANK and the ranks talk over NCCL instead of gloo)."""
+
+    def __post_init__(self) -> None:
+        if self.checkpoint_every < 0:
+            raise ConfigError(f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
 
 
 def seed_all(seed: int) -> torch.Generator:

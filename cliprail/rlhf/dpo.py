@@ -26,7 +26,14 @@ from cliprail.errors import ConfigError
 from cliprail.interrupt import StopRequest
 from cliprail.monitor import MetricsLogger, Progress
 from cliprail.ppo import clip_grad_norm, dpo_loss, masked_mean, masked_sum
-from cliprail.rlhf.common import Cost, EpochShuffle, adamw, seed_all, split_pairs
+from cliprail.rlhf.common import (
+    Cost,
+    EpochShuffle,
+    StageOptions,
+    adamw,
+    seed_all,
+    split_pairs,
+)
 from cliprail.rlhf.data import Batch, encode_pairs, load_preferences
 from cliprail.rlhf.models import (
     ScalarHeadModel,
@@ -44,7 +51,7 @@ from cliprail.scenarios.healthcare import Request
 
 
 @dataclass(frozen=True)
-class DPOConfig:
+class DPOConfig(StageOptions):
     """DPO (or IPO) on preference pairs, starting from and anchored to the SFT model."""
 
     data: Path
@@ -83,22 +90,9 @@ class DPOConfig:
     """Allow a model folder's own Python code to run."""
     progress: bool = True
     """Show a progress bar."""
-    checkpoint_every: int = 100
-    """Save a resumable checkpoint every this many optimizer steps (0: only on SIGINT/SIGTERM);
-    the newest two are kept under <run_dir>/checkpoints."""
-    resume: bool = False
-    """Continue the unfinished run in --run-dir from its latest checkpoint, bitwise as if it
-    had never stopped (the other flags must match the saved config.json)."""
-    fsdp: bool = False
-    """Under torchrun: shard the trained model over the ranks with FSDP2 instead of replicating
-    it under DDP: each rank holds 1/N of its weights, gradients and Adam state while training;
-    evaluations and saves gather it whole, and frozen models stay whole on every rank. No
-    effect in one process."""
-    device: str = "cpu"
-    """Where the models run: cpu, or cuda (one GPU; under torchrun each rank uses GPU
-    LOCAL_RANK and the ranks talk over NCCL instead of gloo)."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()  # the run options
         if self.beta <= 0:
             raise ConfigError(f"--beta must be > 0, got {self.beta}")
         if not 0.0 <= self.label_smoothing < 0.5:
@@ -108,8 +102,6 @@ class DPOConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer")
         if not 0.0 < self.holdout < 1.0:
             raise ConfigError(f"--holdout must be in (0, 1), got {self.holdout}")
-        if self.checkpoint_every < 0:
-            raise ConfigError(f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
 
 
 def sequence_logps(model: torch.nn.Module, b: Batch, average: bool = False) -> torch.Tensor:

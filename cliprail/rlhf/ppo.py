@@ -39,7 +39,7 @@ from cliprail.ppo import (
     ppo_update,
     value_loss,
 )
-from cliprail.rlhf.common import Cost, adamw, seed_all
+from cliprail.rlhf.common import Cost, StageOptions, adamw, seed_all
 from cliprail.rlhf.data import DataError
 from cliprail.rlhf.models import (
     ScalarHeadModel,
@@ -59,7 +59,7 @@ from cliprail.scenarios.healthcare import Request
 
 
 @dataclass(frozen=True)
-class PPOConfig:
+class PPOConfig(StageOptions):
     """RLHF with PPO: the policy starts from the SFT model, the value model from the reward
     model."""
 
@@ -139,22 +139,12 @@ class PPOConfig:
     """Allow a model folder's own Python code to run."""
     progress: bool = True
     """Show a progress bar."""
-    checkpoint_every: int = 8
+    checkpoint_every: int = field(default=8, kw_only=True)
     """Save a resumable checkpoint every this many updates (0: only on SIGINT/SIGTERM); the
     newest two are kept under <run_dir>/checkpoints."""
-    resume: bool = False
-    """Continue the unfinished run in --run-dir from its latest checkpoint, bitwise as if it
-    had never stopped (the other flags must match the saved config.json)."""
-    fsdp: bool = False
-    """Under torchrun: shard the policy and value over the ranks with FSDP2 instead of
-    replicating them under DDP: each rank holds 1/N of their weights, gradients and Adam state
-    while training; rollouts and evaluations gather them whole, and the frozen reference and
-    reward models stay whole on every rank. No effect in one process."""
-    device: str = "cpu"
-    """Where the models run: cpu, or cuda (one GPU; under torchrun each rank uses GPU
-    LOCAL_RANK and the ranks talk over NCCL instead of gloo)."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()  # the run options
         if self.batch_size % self.minibatch_size:
             raise ConfigError(f"--minibatch-size {self.minibatch_size} must divide --batch-size "
                               f"{self.batch_size}")  # fmt: skip
@@ -170,8 +160,6 @@ class PPOConfig:
             raise ConfigError("--learning-rate must be > 0, --lam in [0, 1], --gamma in (0, 1]")
         if self.eval_every < 0 or self.eval_prompts <= 0 or self.fuse_patience <= 0:
             raise ConfigError("--eval-every must be >= 0, --eval-prompts and --fuse-patience > 0")
-        if self.checkpoint_every < 0:
-            raise ConfigError(f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
         if self.kl_budget is not None and not self.kl_budget >= 0:
             raise ConfigError(f"--kl-budget must be >= 0 nats, got {self.kl_budget}")
 

@@ -85,6 +85,11 @@ def resume_step(resume: bool, restored: Any, step: int) -> int | None:
     return step if restored is not None else -1
 
 
+def _summed(costs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Every rank's :class:`~cliprail.rlhf.common.Cost` counters, added up."""
+    return {k: sum(c[k] for c in costs) for k in costs[0]}
+
+
 class StageCheckpointer:
     """Save and restore one stage's trained state; see the module docstring.
 
@@ -149,31 +154,31 @@ class StageCheckpointer:
     def save(self, step: int, state: dict[str, Any]) -> Path | None:
         """Checkpoint ``step`` with the stage's JSON ``state``; returns the folder (None on
         ranks other than 0). A collective under torchrun."""
-        ranks = self.dp.gather(self._rng_state())
-        costs = self.dp.gather(self.cost.state_dict() if self.cost is not None else {})
+        cost = self.cost.state_dict() if self.cost is not None else {}
+        ranks = self.dp.gather((*self._rng_state(), cost))  # one gather: RNGs and token counts
         self.dp.check_same(list(self.modules.values()))
         optimizer = self.dp.optimizer_state(self.modules, self.optimizer)
         with self.dp.gathered(*self.modules.values()):  # --fsdp: whole weights, then write
             tensors: dict[str, dict[str, torch.Tensor]] = {
                 name: dict(self.dp.module_state(m)) for name, m in self.modules.items()
             }
-            return self._write(step, state, ranks, costs, tensors, optimizer)
+            return self._write(step, state, ranks, tensors, optimizer)
 
     def _write(self, step: int, state: dict[str, Any], ranks: list[Any],
-               costs: list[dict[str, Any]], tensors: dict[str, dict[str, torch.Tensor]],
+               tensors: dict[str, dict[str, torch.Tensor]],
                optimizer: dict[str, Any]) -> Path | None:  # fmt: skip
         """Rank 0 writes the checkpoint (the others return None)."""
         self.last_saved = step
         if not self.dp.is_main:
             return None
-        rng_tensors, rng_json = ranks[0]
+        rng_tensors, rng_json, _ = ranks[0]
         full = {**state, "step": step, "world_size": self.dp.world, "wall_s": self.wall_s(),
                 **rng_json}  # fmt: skip
         if self.cost is not None:  # every rank's tokens (restored to rank 0, 0 elsewhere)
-            full["cost"] = {k: sum(c[k] for c in costs) for k in costs[0]}
+            full["cost"] = _summed([c for _, _, c in ranks])
         if self.shuffle is not None:
             full["shuffle"] = self.shuffle.state_dict()
-        for r, (t, j) in enumerate(ranks[1:], start=1):
+        for r, (t, j, _) in enumerate(ranks[1:], start=1):
             rng_tensors.update({f"{k}.rank{r}": v for k, v in t.items()})
             full.setdefault("ranks", {})[str(r)] = j
         tensors["rng"] = rng_tensors
@@ -243,7 +248,7 @@ class StageCheckpointer:
             return
         costs = self.dp.gather(self.cost.state_dict())
         if self.dp.is_main:
-            self.cost.load_state_dict({k: sum(c[k] for c in costs) for k in costs[0]})
+            self.cost.load_state_dict(_summed(costs))
 
     def wall_s(self) -> float:
         """Wall seconds of the whole run so far, earlier (resumed-from) processes included."""

@@ -19,7 +19,14 @@ from cliprail.checkpoint import atomic_dir, atomic_write_json
 from cliprail.errors import ConfigError
 from cliprail.interrupt import StopRequest
 from cliprail.monitor import MetricsLogger, Progress
-from cliprail.rlhf.common import Cost, EpochShuffle, adamw, seed_all, split_pairs
+from cliprail.rlhf.common import (
+    Cost,
+    EpochShuffle,
+    StageOptions,
+    adamw,
+    seed_all,
+    split_pairs,
+)
 from cliprail.rlhf.data import encode_pairs, load_preferences, read_jsonl
 from cliprail.rlhf.models import (
     ScalarHeadModel,
@@ -35,7 +42,7 @@ from cliprail.rlhf.resume import resume_step as _resume_step
 
 
 @dataclass(frozen=True)
-class RewardConfig:
+class RewardConfig(StageOptions):
     """Train a reward model from ``preferences.jsonl``, starting from the SFT model."""
 
     data: Path
@@ -64,22 +71,9 @@ class RewardConfig:
     """Allow a model folder's own Python code to run."""
     progress: bool = True
     """Show a progress bar."""
-    checkpoint_every: int = 100
-    """Save a resumable checkpoint every this many optimizer steps (0: only on SIGINT/SIGTERM);
-    the newest two are kept under <run_dir>/checkpoints."""
-    resume: bool = False
-    """Continue the unfinished run in --run-dir from its latest checkpoint, bitwise as if it
-    had never stopped (the other flags must match the saved config.json)."""
-    fsdp: bool = False
-    """Under torchrun: shard the trained model over the ranks with FSDP2 instead of replicating
-    it under DDP: each rank holds 1/N of its weights, gradients and Adam state while training;
-    evaluations and saves gather it whole, and frozen models stay whole on every rank. No
-    effect in one process."""
-    device: str = "cpu"
-    """Where the models run: cpu, or cuda (one GPU; under torchrun each rank uses GPU
-    LOCAL_RANK and the ranks talk over NCCL instead of gloo)."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()  # the run options
         for name in ("epochs", "batch_size", "max_prompt_len", "max_response_len"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got "
@@ -88,8 +82,6 @@ class RewardConfig:
             raise ConfigError(f"--holdout must be in (0, 1), got {self.holdout}")
         if not self.learning_rate > 0:
             raise ConfigError(f"--learning-rate must be > 0, got {self.learning_rate}")
-        if self.checkpoint_every < 0:
-            raise ConfigError(f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
 
 
 def _scores(rm: ScalarHeadModel, tok: Any, prompts: list[str], responses: list[str],
