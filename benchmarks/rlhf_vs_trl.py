@@ -22,6 +22,13 @@ saves the policy) and, for TRL, loading the four models and the tokenized prompt
 scored by the same function, ``cliprail.rlhf.ppo.evaluate_policy`` (same seed, same sampling
 settings): gold = the healthcare judge's score averaged over the held-out eval prompts.
 
+The floor. Last, the script times the model passes this work needs, alone
+(:func:`model_floor`): per rollout batch the reference, reward and value forwards, then every
+epoch's policy and value forward+backward, on the same prompt batches with responses of the
+mean length cliprail's run produced; no generation, PPO maths or optimizer. No library running
+these models on the same PyTorch kernels can do the work faster, so TRL's time / floor bounds
+the ratio any of them could print.
+
 Fairness choices (both sides get the same values):
 
 * torch threads 2 (``torch.set_num_threads``), fp32, CPU (TRL: ``use_cpu``, ``bf16=False``);
@@ -369,6 +376,53 @@ def run_trl(setup: Setup, args: argparse.Namespace, rep: int, eval_models: Model
     return Result(episodes, seconds, setup_seconds, gold, proxy)
 
 
+def response_length_of(run_dir: Path) -> int:
+    """Mean response length (tokens, rounded down) over the updates of a cliprail PPO run."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    lengths = [json.loads(x)["response_length"] for x in lines if '"response_length"' in x]
+    return max(1, int(statistics.mean(lengths)))
+
+
+def model_floor(setup: Setup, args: argparse.Namespace, response_len: int) -> float:
+    """Seconds the model passes of this PPO work take alone: a lower bound for any library that
+    runs the same models with the same PyTorch kernels.
+
+    Per rollout batch (the train prompts in order, left-padded per batch as both libraries do,
+    followed by ``response_len`` tokens): the reference, reward and value forward passes without
+    gradients (the rollout's old log-probs can come from generation, as in TRL), then for every
+    epoch and minibatch a policy forward+backward (LM head on the response positions only) and a
+    value forward+backward. Left out, so the bound is generous: generation, the PPO maths, the
+    optimizer steps and anything else either library does."""
+    from cliprail.rlhf.data import encode_prompts
+    from cliprail.rlhf.models import token_logprobs
+
+    torch.set_num_threads(THREADS)
+    tok = load_tokenizer(setup.sft_model)
+    policy = load_causal_lm(setup.sft_model).eval()
+    ref = load_causal_lm(setup.sft_model).eval().requires_grad_(False)
+    value = ScalarHeadModel.load(setup.reward_model).eval()
+    reward = ScalarHeadModel.load(setup.reward_model).eval().requires_grad_(False)
+    g = torch.Generator().manual_seed(args.seed)
+    t0 = time.perf_counter()
+    for start in range(0, args.episodes, args.batch_size):
+        chunk = setup.train[start : start + args.batch_size]
+        q, qm = encode_prompts(tok, [r.prompt for r in chunk], 128)
+        resp = torch.randint(0, len(tok), (len(chunk), response_len), generator=g)
+        ids = torch.cat([q, resp], 1)  # (B, Lq + Lr)
+        mask = torch.cat([qm, torch.ones_like(resp)], 1)
+        Lq = q.shape[1]
+        with torch.no_grad():
+            token_logprobs(ref, ids, mask, Lq)
+            reward(ids, mask)
+            value(ids, mask)
+        for _ in range(args.epochs):
+            for mb in range(0, len(chunk), args.minibatch_size):
+                rows = slice(mb, mb + args.minibatch_size)
+                token_logprobs(policy, ids[rows], mask[rows], Lq).sum().backward()
+                value(ids[rows], mask[rows])[:, Lq - 1 : -1].sum().backward()
+    return time.perf_counter() - t0
+
+
 def summarise(name: str, results: list[Result]) -> float:
     sec = statistics.median(r.seconds for r in results)
     eps = statistics.median(r.episodes / r.seconds for r in results)
@@ -397,14 +451,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--batch-size",
         type=int,
-        default=64,
-        help="prompts per rollout, the same for both; default 64",
+        default=16,
+        help="prompts per rollout, the same for both; default 16 (the batch REFERENCES.md "
+        "reports TRL at)",
     )
     ap.add_argument(
         "--minibatch-size",
         type=int,
         default=16,
-        help="sequences per optimizer step; must divide --batch-size; default 16",
+        help="sequences per optimizer step; must divide --batch-size; default 16 (one "
+        "minibatch per epoch)",
     )
     ap.add_argument("--epochs", type=int, default=4, help="PPO epochs per rollout; default 4")
     ap.add_argument(
@@ -502,6 +558,17 @@ def main(argv: list[str] | None = None) -> None:
                 )
         a = summarise("cliprail", ours)
         b = summarise("trl", theirs)
+        response_len = response_length_of(Path(args.out) / "ppo-cliprail-0")
+        floors = [model_floor(setup, args, response_len) for _ in range(max(args.repeats, 1))]
+        floor = statistics.median(floors)
+        trl_s = statistics.median(r.seconds for r in theirs)
+        print(
+            f"floor: the model passes of this work alone (reference, reward and value forwards, "
+            f"{args.epochs} epochs of policy and value forward+backward; no generation, PPO "
+            f"maths or optimizer; {response_len}-token responses) take {floor:.1f} s, so no "
+            f"library on these kernels can beat TRL by more than {trl_s / floor:.1f}x here",
+            flush=True,
+        )
         print(f"ratio cliprail/trl episodes/s: {a / b:.1f}x")
 
 

@@ -17,6 +17,7 @@ from cliprail.rlhf.models import (
     position_ids_from_mask,
     response_logprobs,
     tiny_gpt2,
+    token_logprobs,
     train_tokenizer,
 )
 from cliprail.scenarios.healthcare import make_requests
@@ -87,14 +88,20 @@ def test_kv_cache_greedy_equals_no_cache(tok, lm):
     assert torch.equal(with_cache, without)
 
 
+def _sampled(tok, lm, n: int, seed: int, new_tokens: int, temperature: float):
+    """``n`` healthcare prompts (left-padded ids and mask) and responses sampled from ``lm``."""
+    q, m = encode_prompts(tok, [r.prompt for r in make_requests(n, seed=seed)], 128)
+    g = torch.Generator().manual_seed(seed)
+    resp, rmask = generate(lm, q, m, max_new_tokens=new_tokens, eos_token_id=tok.eos_token_id,
+                           pad_token_id=tok.pad_token_id, temperature=temperature,
+                           generator=g)  # fmt: skip
+    return q, m, resp, rmask
+
+
 def test_sampled_logprobs_match_training_forward(tok, lm):
     # The log-probs of sampled tokens recomputed in one padded forward are the sampling
     # distribution's: left padding and position ids agree between generation and training.
-    prompts = [r.prompt for r in make_requests(4, seed=2)]
-    q, m = encode_prompts(tok, prompts, 128)
-    g = torch.Generator().manual_seed(0)
-    resp, rmask = generate(lm, q, m, max_new_tokens=6, eos_token_id=tok.eos_token_id,
-                           pad_token_id=tok.pad_token_id, temperature=0.7, generator=g)  # fmt: skip
+    q, m, resp, rmask = _sampled(tok, lm, n=4, seed=2, new_tokens=6, temperature=0.7)
     ids = torch.cat([q, resp], 1)
     full_mask = torch.cat([m, rmask], 1)
     lp, _ = response_logprobs(lm, ids, full_mask, q.shape[1], temperature=0.7)
@@ -106,6 +113,37 @@ def test_sampled_logprobs_match_training_forward(tok, lm):
             logits = lm(ctx).logits[0, -1] / 0.7
             ref = torch.log_softmax(logits, -1)[resp[b, t]]
             torch.testing.assert_close(lp[b, t], ref, atol=1e-4, rtol=1e-4)
+
+
+def test_lm_head_runs_on_response_positions_only(tok, lm):
+    # The logits that predict the response are the Lr + 1 last positions' (minus the very last):
+    # the LM head is applied there only, and the log-probs equal a gather from full logits.
+    q, m, resp, rmask = _sampled(tok, lm, n=3, seed=5, new_tokens=5, temperature=1.0)
+    ids, mask, Lq, Lr = torch.cat([q, resp], 1), torch.cat([m, rmask], 1), q.shape[1], resp.shape[1]
+    shapes: list[tuple[int, ...]] = []
+    hook = lm.lm_head.register_forward_hook(lambda mod, inp, out: shapes.append(tuple(out.shape)))
+    with torch.no_grad():
+        lp, ent = response_logprobs(lm, ids, mask, Lq, temperature=0.7)
+    hook.remove()
+    assert shapes == [(3, Lr + 1, len(tok))]
+    with torch.no_grad():
+        full = lm(input_ids=ids, attention_mask=mask,
+                  position_ids=position_ids_from_mask(mask)).logits  # fmt: skip
+    log_p = torch.log_softmax(full[:, Lq - 1 : -1] / 0.7, -1)
+    torch.testing.assert_close(lp, log_p.gather(-1, resp[..., None]).squeeze(-1))
+    torch.testing.assert_close(ent, -(log_p.exp() * log_p).sum(-1))
+
+    class NoKeep(torch.nn.Module):  # a model whose forward has no logits_to_keep
+        def __init__(self) -> None:
+            super().__init__()
+            self.lm = lm
+
+        def forward(self, input_ids, attention_mask, position_ids):
+            return self.lm(input_ids=input_ids, attention_mask=attention_mask,
+                           position_ids=position_ids)  # fmt: skip
+
+    with torch.no_grad():
+        torch.testing.assert_close(token_logprobs(NoKeep(), ids, mask, Lq, 0.7), lp)
 
 
 def test_scalar_head_save_load_and_score(lm, tmp_path, tok):

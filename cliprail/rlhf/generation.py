@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from cliprail.rlhf.models import position_ids_from_mask
+from cliprail.rlhf.models import logits_to_keep_kwarg, position_ids_from_mask
 
 
 def sample_token(
@@ -66,7 +66,11 @@ def generate(
             out = model(input_ids=step_ids, attention_mask=mask, position_ids=pos[:, -1:],
                         use_cache=True, **{cache_arg: past})  # fmt: skip
         else:
-            out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=use_cache)
+            # the prompt pass needs the last position's logits only (not without the cache: the
+            # tests' reference recomputes everything each step)
+            keep = logits_to_keep_kwarg(model, 1) if use_cache else {}
+            out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=use_cache,
+                        **keep)  # fmt: skip
         past = _cache_of(out) if use_cache else None
         token = sample_token(out.logits[:, -1], temperature, top_p, generator)
         token = torch.where(finished, torch.full_like(token, pad_token_id), token)

@@ -6,6 +6,7 @@ All weights are saved as safetensors; loading never runs remote code unless aske
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Iterable
 from pathlib import Path
@@ -251,10 +252,32 @@ def _response_log_softmax(
     """``(B, Lr, V)`` log-softmax of the logits that predict the response tokens: the logits at
     position ``t`` predict token ``t + 1``, so ``input_ids[:, Lq:]`` are scored by
     ``logits[:, Lq - 1 : -1]``, divided by ``temperature`` exactly as in sampling."""
+    keep = input_ids.shape[1] - query_len + 1  # the Lr + 1 last positions
     out = model(input_ids=input_ids, attention_mask=attention_mask,
-                position_ids=position_ids_from_mask(attention_mask))  # fmt: skip
-    logits = out.logits[:, query_len - 1 : -1].float() / temperature  # (B, Lr, V)
+                position_ids=position_ids_from_mask(attention_mask),
+                **logits_to_keep_kwarg(model, keep))  # fmt: skip
+    # (B, keep or Lq + Lr, V) -> (B, Lr, V): the same positions whether or not the model kept
+    # only the last ``keep``
+    logits = out.logits[:, -keep:-1].float() / temperature
     return torch.log_softmax(logits, dim=-1)
+
+
+_KEEPS_LOGITS: dict[type, bool] = {}
+
+
+def logits_to_keep_kwarg(model: nn.Module, keep: int) -> dict[str, int]:
+    """``{"logits_to_keep": keep}`` when ``model`` (or the module a DDP wrapper holds) takes it,
+    else ``{}``. Hugging Face causal LMs then apply the LM head to the last ``keep`` positions
+    only: a prompt's positions need no logits, and ``(B, L, V)`` float logits are the largest
+    activation of a training step when the vocabulary is large (V = 50k-150k)."""
+    inner = getattr(model, "module", model)  # DistributedDataParallel -> the model
+    kind = type(inner)
+    if kind not in _KEEPS_LOGITS:
+        try:
+            _KEEPS_LOGITS[kind] = "logits_to_keep" in inspect.signature(inner.forward).parameters
+        except (TypeError, ValueError):  # no inspectable signature
+            _KEEPS_LOGITS[kind] = False
+    return {"logits_to_keep": keep} if _KEEPS_LOGITS[kind] else {}
 
 
 def token_logprobs(
