@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -117,3 +118,21 @@ def test_console_script_help_lists_every_flag():
     for flag in ["--env-id", "--preset", "--total-steps", "--seed", "--run-dir", "--resume",
                  "--clip-range", "--target-kl", "--normalize-obs", "--objective"]:  # fmt: skip
         assert flag in out
+
+
+@pytest.mark.parametrize("torchrun", [False, True])
+def test_a_torchrun_worker_exits_with_its_code_and_skips_teardown(torchrun):
+    # Under torchrun, `python -m cliprail` leaves with os._exit once main has returned: the
+    # interpreter's teardown of torch.distributed could abort a finished run (SIGABRT). The exit
+    # code and the output are main's; only the teardown (here an atexit hook) is skipped.
+    code = ("import atexit, runpy, sys; atexit.register(lambda: print('teardown')); "
+            "sys.argv = ['cliprail', 'no-such-command']; "
+            "runpy.run_module('cliprail', run_name='__main__')")  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "TORCHELASTIC_RUN_ID"}
+    if torchrun:
+        env["TORCHELASTIC_RUN_ID"] = "test"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                       timeout=120)  # fmt: skip
+    assert p.returncode == 2
+    assert "unknown command 'no-such-command'" in p.stderr
+    assert ("teardown" in p.stdout) is not torchrun
