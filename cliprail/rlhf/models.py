@@ -270,7 +270,9 @@ def logits_to_keep_kwarg(model: nn.Module, keep: int) -> dict[str, int]:
     else ``{}``. Hugging Face causal LMs then apply the LM head to the last ``keep`` positions
     only: a prompt's positions need no logits, and ``(B, L, V)`` float logits are the largest
     activation of a training step when the vocabulary is large (V = 50k-150k)."""
-    inner = getattr(model, "module", model)  # DistributedDataParallel -> the model
+    from torch.nn.parallel import DistributedDataParallel
+
+    inner = model.module if isinstance(model, DistributedDataParallel) else model
     kind = type(inner)
     if kind not in _KEEPS_LOGITS:
         try:
