@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from cliprail.errors import CheckpointError
 
@@ -270,8 +271,6 @@ def logits_to_keep_kwarg(model: nn.Module, keep: int) -> dict[str, int]:
     else ``{}``. Hugging Face causal LMs then apply the LM head to the last ``keep`` positions
     only: a prompt's positions need no logits, and ``(B, L, V)`` float logits are the largest
     activation of a training step when the vocabulary is large (V = 50k-150k)."""
-    from torch.nn.parallel import DistributedDataParallel
-
     inner = model.module if isinstance(model, DistributedDataParallel) else model
     kind = type(inner)
     if kind not in _KEEPS_LOGITS:
