@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 USAGE = """usage: cliprail <command> [flags]   (add --help to any command)
 
@@ -67,26 +67,41 @@ class DemoArgs:
     world: Literal["healthcare", "cartpole"] = "healthcare"
     """healthcare: RLHF with PPO; cartpole: PPO on CartPole-v1 (classic preset), then eval."""
     hacking: bool = False
-    """Show the failure the fuse exists for: a strongly biased reviewer panel (bias 3) and no
-    KL penalty, so the proxy reward can rise while the gold score falls."""
+    """Show the failure the fuse exists for: a strongly biased reviewer panel (reviewer bias
+    6: they like short, confident answers and often miss unsafe advice) and no KL penalty or
+    budget, so the proxy reward can rise while the gold score falls."""
     compare: bool = False
     """Also run DPO and best-of-n (n = 1, 2, 4, 8, 16) on the same preferences and prompts, and
     add their comparison with PPO and SFT (table, gold against sqrt(KL)) to the report."""
-    total_episodes: int = 1536
-    """PPO episodes (healthcare)."""
-    sft_epochs: int = 12
-    """SFT epochs (healthcare). With --sft-epochs 30 --sft-learning-rate 4e-3 the tiny model
-    learns to copy slot times from the prompt (held-out gold 0.77 instead of 0.42), and PPO
-    against the demo's reward model can then only lower the gold score: the fuse keeps the SFT
-    model (docs/results.md)."""
-    sft_learning_rate: float = 2e-3
-    """SFT peak learning rate (healthcare)."""
+    total_episodes: int = 2048
+    """PPO episodes (healthcare): 32 updates of 64 prompts."""
+    kl_coef: float = 0.2
+    """PPO's per-token KL penalty (healthcare; --hacking sets 0). Larger than `rlhf ppo`'s
+    0.05 (Huang et al. 2024's value for a pretrained 1B model): the tiny demo model drifts off
+    its slot-copying with less, where the reward model cannot see it (docs/results.md)."""
+    ppo_learning_rate: float = 2e-4
+    """PPO's AdamW learning rate (healthcare)."""
+    n_train: int | None = None
+    """Training requests of the healthcare world, from which the SFT demonstrations, the
+    preference pairs and the PPO prompts come (default: the world's own, see `cliprail rlhf
+    world --help`)."""
+    n_eval: int | None = None
+    """Held-out requests; the safety fuse and the final evaluation use all of them (default:
+    the world's own)."""
+    sft_epochs: int = 8
+    """SFT epochs over the world's demonstrations (healthcare): 2,000 steps of 16 at the
+    default world size, enough for the tiny model to book the slot asked for."""
+    sft_learning_rate: float = 4e-3
+    """SFT peak learning rate (healthcare), decayed linearly to 0."""
     total_steps: int = 100_000
     """Environment steps (cartpole)."""
     seed: int = 0
     """Seed of the whole pipeline."""
     progress: bool = True
     """Show progress bars."""
+    json: bool = False
+    """Print the run's summary.json as one JSON line on standard output, last (the progress
+    lines go to standard error)."""
 
 
 def _rl_train(argv: list[str]) -> int:
@@ -179,6 +194,7 @@ def _demo_cartpole(args: DemoArgs, run_dir: Path) -> int:
 
 
 def _demo_rlhf(args: DemoArgs, run_dir: Path) -> int:
+    from cliprail.checkpoint import atomic_write_json
     from cliprail.rlhf.evaluate import EvalConfig, compare, table
     from cliprail.rlhf.ppo import PPOConfig, train_ppo
     from cliprail.rlhf.report import write_report
@@ -187,37 +203,76 @@ def _demo_rlhf(args: DemoArgs, run_dir: Path) -> int:
     from cliprail.scenarios.healthcare import BuildConfig, build
 
     t0 = time.perf_counter()
-    bias = 3.0 if args.hacking else 1.0
-    print(f"cliprail demo: healthcare scheduling assistant, run folder {run_dir}")
-    data = build(run_dir / "data", BuildConfig(seed=args.seed, reviewer_bias=bias))
-    print(f"[1/5] world: {data['prompts'].parent} (reviewer bias {bias})")
+    say = _stderr if args.json else print  # --json: stdout carries the summary alone
+    bias = 6.0 if args.hacking else 1.0
+    say(f"cliprail demo: healthcare scheduling assistant, run folder {run_dir}")
+    sizes = {k: v for k, v in (("n_train", args.n_train), ("n_eval", args.n_eval)) if v}
+    world = BuildConfig(seed=args.seed, reviewer_bias=bias, **sizes)
+    data = build(run_dir / "data", world)
+    say(f"[1/5] world: {data['prompts'].parent} (reviewer bias {bias})")
     sft = train_sft(SFTConfig(data=data["demonstrations"], run_dir=run_dir / "sft",
                               epochs=args.sft_epochs, learning_rate=args.sft_learning_rate,
-                              seed=args.seed, progress=args.progress))  # fmt: skip
-    print(f"[2/5] SFT model: {sft}")
+                              extra_tokens=data["tokens"], seed=args.seed,
+                              progress=args.progress))  # fmt: skip
+    say(f"[2/5] SFT model: {sft}")
     rm = train_reward(RewardConfig(data=data["preferences"], sft_model=sft, run_dir=run_dir / "rm",
                                    demonstrations=data["demonstrations"], seed=args.seed,
                                    progress=args.progress))  # fmt: skip
-    print(f"[3/5] reward model: held-out pairwise accuracy {rm['heldout_accuracy']:.3f}")
+    say(f"[3/5] reward model: held-out pairwise accuracy {rm['heldout_accuracy']:.3f}")
     ppo_cfg = PPOConfig(
         prompts=data["prompts"], sft_model=sft, reward_model=run_dir / "rm" / "model",
         run_dir=run_dir / "ppo", total_episodes=args.total_episodes, seed=args.seed,
-        kl_coef=0.0 if args.hacking else 0.05, kl_budget=None if args.hacking else 20.0,
+        kl_coef=0.0 if args.hacking else args.kl_coef, learning_rate=args.ppo_learning_rate,
+        kl_budget=None if args.hacking else 20.0,
+        eval_prompts=world.n_eval,  # the fuse sees the held-out prompts the summary reports
         progress=args.progress,
     )  # fmt: skip
     fuse = train_ppo(ppo_cfg)
     state = "fuse halted: " + fuse["halted"] if fuse["halted"] else "fuse not tripped"
-    print(f"[4/5] PPO: {state}; best checkpoint update {fuse['best_update']} "
-          f"(eval gold {fuse['best_gold']:.3f})")  # fmt: skip
-    result = compare(EvalConfig(run_dir=run_dir / "ppo"))
-    extra = _demo_compare(args, run_dir, data, sft) if args.compare else None
+    say(f"[4/5] PPO: {state}; best checkpoint update {fuse['best_update']} "
+        f"(eval gold {fuse['best_gold']:.3f})")  # fmt: skip
+    result = compare(EvalConfig(run_dir=run_dir / "ppo", n_prompts=world.n_eval))
+    extra = _demo_compare(args, run_dir, data, sft, say) if args.compare else None
     report = write_report(run_dir / "ppo", result, out=run_dir / "report.html", extra_html=extra)
-    print(f"[5/5] evaluation on {result['n_prompts']} held-out prompts:\n{table(result)}")
-    print(f"\ncliprail demo finished in {time.perf_counter() - t0:.0f} s. Report: {report}")
+    say(f"[5/5] evaluation on {result['n_prompts']} held-out prompts:\n{table(result)}")
+    summary = demo_summary(args.seed, time.perf_counter() - t0, result, fuse)
+    atomic_write_json(run_dir / "summary.json", summary)
+    say(f"\ncliprail demo finished in {summary['wall_s']:.0f} s. Report: {report}; "
+        f"summary: {run_dir / 'summary.json'}")  # fmt: skip
+    if args.json:
+        print(json.dumps(summary))
     return 0
 
 
-def _demo_compare(args: DemoArgs, run_dir: Path, data: dict[str, Path], sft: Path) -> str:
+def demo_summary(seed: int, wall_s: float, result: dict[str, Any],
+                 fuse: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+    """``summary.json``: the seed, the wall time, SFT's and the kept PPO policy's metrics on the
+    held-out prompts (the keys of ``rlhf eval --json``; PPO's also wins, losses and ties against
+    SFT, prompt by prompt) and the fuse's verdict, kept update and history."""
+    from cliprail.rlhf.evaluate import COLUMNS
+
+    history = [
+        {"update": e["update"], "gold": e["gold"], "proxy": e["proxy_reward"], "kl": e["kl_ref"],
+         **{k: v for k, v in e.items() if k not in ("update", "gold", "proxy_reward", "kl_ref")}}
+        for e in fuse.get("evals", [])
+    ]  # fmt: skip
+    return {
+        "seed": seed,
+        "wall_s": round(wall_s, 1),
+        "sft": {c: result["sft"][c] for c in COLUMNS},
+        "ppo": {**{c: result["ppo"][c] for c in COLUMNS},
+                **{k: result[k] for k in ("wins", "losses", "ties", "win_rate")}},
+        "fuse": {"verdict": fuse.get("halted") or "not tripped",
+                 "kept_update": fuse.get("best_update"), "history": history},
+    }  # fmt: skip
+
+
+def _stderr(*parts: object) -> None:
+    print(*parts, file=sys.stderr)
+
+
+def _demo_compare(args: DemoArgs, run_dir: Path, data: dict[str, Path], sft: Path,
+                  say: Callable[..., None] = print) -> str:  # fmt: skip
     """DPO and best-of-n beside PPO and SFT; returns the report's HTML section."""
     from cliprail.rlhf.bestofn import BestOfNConfig, kl_table, run_best_of_n
     from cliprail.rlhf.compare import CompareConfig, compare_runs, html_section, plot
@@ -228,16 +283,16 @@ def _demo_compare(args: DemoArgs, run_dir: Path, data: dict[str, Path], sft: Pat
     dpo = train_dpo(DPOConfig(data=data["preferences"], sft_model=sft, run_dir=run_dir / "dpo",
                               prompts=data["prompts"], reward_model=rm, seed=args.seed,
                               progress=args.progress))  # fmt: skip
-    print(f"[compare] DPO: held-out implicit-reward accuracy "
+    say(f"[compare] DPO: held-out implicit-reward accuracy "
           f"{dpo['heldout_implicit_accuracy']:.3f}")  # fmt: skip
     bon = run_best_of_n(BestOfNConfig(prompts=data["prompts"], sft_model=sft, reward_model=rm,
                                       run_dir=run_dir / "best-of-n", seed=args.seed,
                                       progress=args.progress))  # fmt: skip
-    print(f"[compare] best-of-n, KL analytic and estimated:\n{kl_table(bon)}")
+    say(f"[compare] best-of-n, KL analytic and estimated:\n{kl_table(bon)}")
     result = compare_runs(CompareConfig(runs=(run_dir / "sft", run_dir / "ppo", run_dir / "dpo",
                                               run_dir / "best-of-n"),
                                         out=run_dir / "compare"))  # fmt: skip
-    print(f"[compare] on {result['n_prompts']} held-out prompts:\n{compare_table(result)}")
+    say(f"[compare] on {result['n_prompts']} held-out prompts:\n{compare_table(result)}")
     return html_section(result, plot(result))
 
 
@@ -255,27 +310,33 @@ def _rlhf_eval(argv: list[str]) -> int:
     return 0
 
 
-@dataclass(frozen=True)
-class WorldArgs:
-    """Write the healthcare world's prompts, demonstrations and preference pairs as JSONL."""
-
-    out: Path
-    """Folder for prompts.jsonl, demonstrations.jsonl, preferences.jsonl."""
-    seed: int = 0
-    """Seed of the clinic, requests, cards and reviewers."""
-    reviewer_bias: float = 1.0
-    """Scale of the panel's bias toward short, confident answers (0 none, 3 strong)."""
-
-
 def _rlhf_world(argv: list[str]) -> int:
+    import dataclasses
+
     import tyro
 
     from cliprail.scenarios.healthcare import BuildConfig, build
 
+    @dataclass(frozen=True, kw_only=True)
+    class WorldArgs(BuildConfig):
+        """Write the healthcare world's prompts, demonstrations, preference pairs and the
+        tokenizer's extra tokens (tokens.json) as files; every rate and size is a flag."""
+
+        out: Path
+        """Folder for prompts.jsonl, demonstrations.jsonl, preferences.jsonl and tokens.json."""
+
     args = tyro.cli(WorldArgs, args=argv, prog="cliprail rlhf world")
-    paths = build(args.out, BuildConfig(seed=args.seed, reviewer_bias=args.reviewer_bias))
+    try:
+        names = [f.name for f in dataclasses.fields(BuildConfig)]
+        cfg = BuildConfig(**{name: getattr(args, name) for name in names})
+    except ValueError as exc:
+        from cliprail.errors import ConfigError
+
+        raise ConfigError(str(exc)) from None
+    paths = build(args.out, cfg)
     for name, path in paths.items():
-        print(f"{name}: {path} ({sum(1 for _ in path.open())} records)")
+        count = f"{sum(1 for _ in path.open())} records" if path.suffix == ".jsonl" else "tokens"
+        print(f"{name}: {path} ({count})")
     return 0
 
 

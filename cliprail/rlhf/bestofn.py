@@ -145,7 +145,8 @@ def run_best_of_n(cfg: BestOfNConfig) -> dict[str, Any]:
         ev.update(n=n, kl_analytic=best_of_n_kl(n), kl_estimate=kl_est)
         points.append(ev)
     cost.wall_s = time.perf_counter() - t0
-    result = {"points": [{k: v for k, v in p.items() if k != "golds"} for p in points],
+    result = {"points": [{k: v for k, v in p.items() if k not in ("golds", "notes")}
+                         for p in points],
               "prompt_ids": [r.id for r in requests], "pool": cfg.pool,
               "golds": {str(p["n"]): p["golds"] for p in points}}  # fmt: skip
     cost.write(cfg.run_dir, n=sorted(set(cfg.n)))

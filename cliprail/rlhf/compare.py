@@ -31,11 +31,19 @@ from cliprail.checkpoint import atomic_write_json, atomic_write_text
 from cliprail.errors import RunDirError
 from cliprail.rlhf.bestofn import load_result
 from cliprail.rlhf.models import ScalarHeadModel, load_causal_lm, load_tokenizer
-from cliprail.rlhf.sampling import CRITERIA, RATES, Sampling, evaluate_policy, load_requests
+from cliprail.rlhf.sampling import (
+    CONDITIONAL_RATES,
+    CRITERIA,
+    RATES,
+    Sampling,
+    evaluate_policy,
+    load_requests,
+)
 
 TABLE = [("gold", "gold"), ("scheduling", "sched"), ("safety", "safety"),
          ("honesty", "honest"), ("helpfulness", "helpful"), ("concision", "concise"),
-         ("unsafe_advice_rate", "unsafe"), ("missed_emergency_rate", "missed"),
+         ("unsafe_advice_rate", "unsafe"), ("unsafe_advice_rate_medical", "unsafe|m"),
+         ("missed_emergency_rate", "missed"), ("missed_emergency_rate_red_flag", "missed|rf"),
          ("wrong_or_invented_slot_rate", "badslot"), ("over_refusal_rate", "overref"),
          ("proxy_reward", "proxy"), ("kl_ref", "KL"), ("wall_s", "wall s"),
          ("tokens_forward", "tok fwd"), ("tokens_backward", "tok bwd")]  # fmt: skip
@@ -144,8 +152,10 @@ def compare_runs(cfg: CompareConfig) -> dict[str, Any]:
             label = "best-of-n"
             for p in res["points"]:
                 rows.append({"method": f"best-of-{p['n']}", "run": str(run), **cost,
-                             **{k: p[k] for k in (*CRITERIA, *[f"{r}_rate" for r in RATES],
-                                                  "proxy_reward", "kl_ref", "mean_length")},
+                             **{k: p.get(k, float("nan"))
+                                for k in (*CRITERIA, *[f"{r}_rate" for r in RATES],
+                                          *CONDITIONAL_RATES, "proxy_reward", "kl_ref",
+                                          "mean_length")},
                              "kl_analytic": p["kl_analytic"]})  # fmt: skip
             curves[f"{label} ({run.name})"] = [(p["kl_ref"], p["gold"]) for p in res["points"]]
             continue

@@ -74,6 +74,21 @@ def read_jsonl(path: Path, fields: tuple[str, ...]) -> list[dict[str, Any]]:
     return records
 
 
+def read_extra_tokens(path: Path | None) -> list[str]:
+    """The strings of a tokens file (a JSON list of non-empty strings); none for no file."""
+    if path is None:
+        return []
+    try:
+        items = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path}: not a JSON list of strings ({exc})") from None
+    if not isinstance(items, list) or not all(isinstance(t, str) and t for t in items):
+        raise DataError(f"{path}: expected a JSON list of non-empty strings")
+    return items
+
+
 def load_preferences(path: Path) -> list[dict[str, Any]]:
     """Preference pairs; chosen identical to rejected is an error (the pair teaches nothing)."""
     recs = read_jsonl(path, ("prompt", "chosen", "rejected"))

@@ -13,11 +13,14 @@ from cliprail.configio import load_config_json
 from cliprail.errors import RunDirError
 from cliprail.rlhf.models import load_causal_lm
 from cliprail.rlhf.ppo import PPOConfig, evaluate_policy, load_models, load_requests
-from cliprail.rlhf.sampling import win_rate
+from cliprail.rlhf.sampling import win_rate, wins_losses_ties
 
 COLUMNS = ["gold", "scheduling", "safety", "honesty", "helpfulness", "concision",
-           "unsafe_advice_rate", "missed_emergency_rate", "wrong_or_invented_slot_rate",
-           "over_refusal_rate", "proxy_reward", "kl_ref", "mean_length"]  # fmt: skip
+           "unsafe_advice_rate", "unsafe_advice_rate_medical", "missed_emergency_rate",
+           "missed_emergency_rate_red_flag", "wrong_or_invented_slot_rate", "wrong_action_rate",
+           "no_answer_rate", "degenerate_rate", "over_refusal_rate", "proxy_reward", "kl_ref",
+           "mean_length"]  # fmt: skip
+"""The keys of ``rlhf eval --json``'s "sft" and "ppo" objects, in the table's order."""
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,7 @@ def compare(cfg: EvalConfig) -> dict[str, Any]:
     sft = evaluate_policy(models, ppo_cfg, requests, policy=models.ref)
     ppo = evaluate_policy(models, ppo_cfg, requests, policy=policy)
     return {"sft": sft, "ppo": ppo, "win_rate": win_rate(ppo["golds"], sft["golds"]),
+            **wins_losses_ties(ppo["golds"], sft["golds"]),
             "checkpoint": str(path),
             "split": cfg.split, "n_prompts": len(requests),
             "prompts": [r.prompt for r in requests]}  # fmt: skip
@@ -65,6 +69,8 @@ def table(result: dict[str, Any]) -> str:
     for c in COLUMNS:
         lines.append(f"{c:30s} {result['sft'][c]:9.3f} {result['ppo'][c]:9.3f}")
     lines.append(f"{'gold-judged win rate of PPO':30s} {'':>9s} {result['win_rate']:9.3f}")
+    lines.append(f"{'PPO wins / losses / ties':30s} {'':>9s} "
+                 f"{result['wins']} / {result['losses']} / {result['ties']}")  # fmt: skip
     return "\n".join(lines)
 
 

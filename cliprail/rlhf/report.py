@@ -70,6 +70,70 @@ def _plots(metrics: list[dict[str, Any]], fuse: dict[str, Any]) -> list[tuple[st
     return out
 
 
+def _pct(x: float) -> str:
+    return "n/a" if x != x else f"{100 * x:.0f}%"
+
+
+def story(result: dict[str, Any] | None, fuse: dict[str, Any]) -> list[str]:
+    """A few plain sentences saying what happened: the fuse's verdict, what PPO changed on the
+    held-out prompts, and whether the proxy reward rose while the gold score fell."""
+    out = []
+    evals = fuse.get("evals", [])
+    halted = fuse.get("halted")
+    kept = fuse.get("best_update")
+    out.append(f"The safety fuse {'halted the run: ' + halted if halted else 'did not trip'}; "
+               f"it kept the policy of update {kept} (the best gold score on its evaluations "
+               "within the KL budget).")  # fmt: skip
+    if len(evals) >= 2:
+        peak = max(evals, key=lambda e: e["gold"])
+        last = evals[-1]
+        if last["update"] != peak["update"] and last["gold"] < peak["gold"] - 0.02:
+            out.append(
+                f"After the gold peak at update {peak['update']} ({peak['gold']:.3f}) the proxy "
+                f"reward went from {peak['proxy_reward']:.2f} to {last['proxy_reward']:.2f} "
+                f"while the gold score fell to {last['gold']:.3f}: the policy was gaming the "
+                "reward model, and the fuse stopped there."
+                if last["proxy_reward"] > peak["proxy_reward"]
+                else f"The gold score peaked at update {peak['update']} ({peak['gold']:.3f}) "
+                f"and fell to {last['gold']:.3f} by update {last['update']}."
+            )
+    if result is None:
+        return out
+    a, b = result["sft"], result["ppo"]
+    out.append(
+        f"On {result['n_prompts']} held-out prompts the kept policy moved the gold score from "
+        f"{a['gold']:.3f} (SFT) to {b['gold']:.3f}. Unsafe medical advice, among prompts with a "
+        f"medical question: {_pct(a['unsafe_advice_rate_medical'])} -> "
+        f"{_pct(b['unsafe_advice_rate_medical'])}; missed emergencies, among prompts with a red "
+        f"flag: {_pct(a['missed_emergency_rate_red_flag'])} -> "
+        f"{_pct(b['missed_emergency_rate_red_flag'])}; scheduling {a['scheduling']:.3f} -> "
+        f"{b['scheduling']:.3f}."
+    )
+    out.append(f"Prompt by prompt, PPO's reply is better on {result['wins']}, worse on "
+               f"{result['losses']} and as good on {result['ties']}, at a KL to the SFT model of "
+               f"{b['kl_ref']:.1f} nats per response; the proxy reward went "
+               f"{a['proxy_reward']:.2f} -> {b['proxy_reward']:.2f}.")  # fmt: skip
+    return out
+
+
+def pick_cards(result: dict[str, Any], n_better: int = 4, n_worse: int = 2) -> list[int]:
+    """Prompts that show the change: where PPO gained most over SFT, then where it lost most
+    (ties left out; each group in prompt order)."""
+    diff = [p - s for p, s in zip(result["ppo"]["golds"], result["sft"]["golds"], strict=True)]
+    order = sorted(range(len(diff)), key=lambda i: -diff[i])
+    better = sorted(i for i in order[:n_better] if diff[i] > 0)
+    worse = sorted(i for i in order[::-1][:n_worse] if diff[i] < 0)
+    return better + worse
+
+
+def _card(who: str, result: dict[str, Any], i: int) -> str:
+    r = result[who]
+    notes = r.get("notes", [[]] * len(r["texts"]))[i]
+    why = f"<br><small>{html.escape('; '.join(notes))}</small>" if notes else ""
+    return (f"<b>{who.upper()}</b> (gold {r['golds'][i]:.2f})<div class='card'>"
+            f"{html.escape(r['texts'][i])}{why}</div>")
+
+
 def write_report(run_dir: Path, result: dict[str, Any] | None, out: Path | None = None,
                  extra_html: str | None = None) -> Path:  # fmt: skip
     """Write ``report.html`` for a PPO run folder (with an eval ``result`` from
@@ -82,10 +146,8 @@ def write_report(run_dir: Path, result: dict[str, Any] | None, out: Path | None 
              "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px}"
              ".card{background:#f6f6f6;padding:6px;margin:4px 0;white-space:pre-wrap}"
              "</style></head><body>", "<h1>cliprail: RLHF with PPO</h1>"]  # fmt: skip
-    halted = fuse.get("halted")
-    parts.append(f"<p><b>Safety fuse:</b> {html.escape(halted) if halted else 'did not trip'}. "
-                 f"Best checkpoint: update {fuse.get('best_update')} (eval gold "
-                 f"{fuse.get('best_gold', float('nan')):.3f}).</p>")  # fmt: skip
+    parts.append("<h2>What happened</h2>")
+    parts += [f"<p>{html.escape(line)}</p>" for line in story(result, fuse)]
     for title, png in _plots(metrics, fuse):
         parts.append(f"<h2>{html.escape(title)}</h2><img src='data:image/png;base64,{png}'/>")
     if result is not None:
@@ -95,18 +157,20 @@ def write_report(run_dir: Path, result: dict[str, Any] | None, out: Path | None 
         for c in COLUMNS:
             parts.append(f"<tr><td>{c}</td><td>{result['sft'][c]:.3f}</td>"
                          f"<td>{result['ppo'][c]:.3f}</td></tr>")  # fmt: skip
-        parts.append(f"<tr><td>gold-judged win rate of PPO</td><td></td>"
-                     f"<td>{result['win_rate']:.3f}</td></tr></table>")  # fmt: skip
-        parts.append("<h2>Answer cards, before and after</h2>")
-        for i in range(min(6, result["n_prompts"])):
-            parts.append(
-                f"<h3>Prompt {i + 1}</h3>"
-                f"<div class='card'>{html.escape(result['prompts'][i])}</div>"
-                f"<b>SFT</b> (gold {result['sft']['golds'][i]:.2f})<div class='card'>"
-                f"{html.escape(result['sft']['texts'][i])}</div>"
-                f"<b>PPO</b> (gold {result['ppo']['golds'][i]:.2f})<div class='card'>"
-                f"{html.escape(result['ppo']['texts'][i])}</div>"
-            )
+        parts.append(f"<tr><td>PPO wins / losses / ties (gold, prompt by prompt)</td><td></td>"
+                     f"<td>{result['wins']} / {result['losses']} / {result['ties']}</td></tr>"
+                     "</table>")  # fmt: skip
+        picked = pick_cards(result)
+        parts.append("<h2>Answer cards where PPO changed the reply</h2><p>The prompts where "
+                     "the kept policy gained most over SFT, then those where it lost most; the "
+                     "small print under a reply is the gold judge's reason for lost "
+                     "points.</p>")
+        if not picked:
+            parts.append("<p>No prompt's gold score changed.</p>")
+        for i in picked:
+            parts.append(f"<h3>Prompt {i + 1}</h3>"
+                         f"<div class='card'>{html.escape(result['prompts'][i])}</div>"
+                         f"{_card('sft', result, i)}{_card('ppo', result, i)}")  # fmt: skip
     if extra_html:
         parts.append(extra_html)
     parts.append("</body></html>")

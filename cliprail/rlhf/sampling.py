@@ -21,7 +21,14 @@ from cliprail.rlhf.models import ScalarHeadModel, model_device, token_logprobs
 from cliprail.scenarios.healthcare import Request, Verdict, judge
 
 CRITERIA = ("gold", "scheduling", "safety", "honesty", "helpfulness", "concision")
-RATES = ("unsafe_advice", "missed_emergency", "wrong_or_invented_slot", "over_refusal")
+RATES = ("unsafe_advice", "missed_emergency", "wrong_or_invented_slot", "over_refusal",
+         "wrong_action", "no_answer", "degenerate")  # fmt: skip
+CONDITIONAL_RATES = {
+    "unsafe_advice_rate_medical": ("unsafe_advice", "medical"),
+    "missed_emergency_rate_red_flag": ("missed_emergency", "red_flag"),
+}
+"""Rates among the prompts they apply to: unsafe advice among prompts with a medical question,
+missed emergencies among prompts with a red flag (NaN where a set has no such prompt)."""
 EVAL_SEED = 1234
 """Seed of every evaluation's sampling: two policies are compared on the same random stream."""
 
@@ -102,11 +109,17 @@ def summarize(
     n = max(len(verdicts), 1)
     out: dict[str, Any] = {k: sum(getattr(v, k) for v in verdicts) / n for k in CRITERIA}
     out.update({f"{k}_rate": sum(getattr(v, k) for v in verdicts) / n for k in RATES})
+    for name, (flag, field) in CONDITIONAL_RATES.items():
+        hits = [getattr(v, flag) for r, v in zip(requests, verdicts, strict=True)
+                if getattr(r, field)]  # fmt: skip
+        out[name] = sum(hits) / len(hits) if hits else float("nan")
+        out[f"n_{field}"] = len(hits)
     out["proxy_reward"] = sum(scores) / n if scores is not None else float("nan")
     out["kl_ref"] = sum(kls) / n if kls is not None else float("nan")
     out["mean_length"] = sum(lengths) / n if lengths is not None else float("nan")
     out["texts"] = list(texts)
     out["golds"] = [v.gold for v in verdicts]
+    out["notes"] = [list(v.notes) for v in verdicts]  # why each reply lost points
     return out
 
 
@@ -137,6 +150,14 @@ def evaluate_policy(
         lengths += x.response_mask.sum(1).float().tolist()
         texts += x.texts
     return summarize(requests, texts, scores if reward is not None else None, kls, lengths)
+
+
+def wins_losses_ties(golds_a: list[float], golds_b: list[float]) -> dict[str, int]:
+    """Prompt by prompt: how often a's gold score beats b's, loses to it, or equals it."""
+    pairs = list(zip(golds_a, golds_b, strict=True))
+    wins = sum(a > b for a, b in pairs)
+    losses = sum(a < b for a, b in pairs)
+    return {"wins": wins, "losses": losses, "ties": len(pairs) - wins - losses}
 
 
 def win_rate(golds_a: list[float], golds_b: list[float]) -> float:

@@ -19,7 +19,7 @@ from cliprail.interrupt import StopRequest
 from cliprail.monitor import MetricsLogger, Progress
 from cliprail.ppo import masked_mean
 from cliprail.rlhf.common import Cost, EpochShuffle, StageOptions, adamw, seed_all
-from cliprail.rlhf.data import encode_pairs, read_jsonl
+from cliprail.rlhf.data import encode_pairs, read_extra_tokens, read_jsonl
 from cliprail.rlhf.models import (
     check_vocab,
     load_causal_lm,
@@ -57,6 +57,10 @@ class SFTConfig(StageOptions):
     """Responses are cut to this many tokens (EOS included)."""
     vocab_size: int = 1024
     """Tokenizer vocabulary when one is trained."""
+    extra_tokens: Path | None = None
+    """A JSON file holding a list of strings, each made a single token of the trained tokenizer
+    (`cliprail rlhf world` writes tokens.json: the calendar slots and clinicians, which the tiny
+    model then copies from the prompt as one id each). Ignored with --model."""
     n_layer: int = 2
     """Layers of the tiny GPT-2."""
     n_embd: int = 64
@@ -109,7 +113,7 @@ def _train_sft(cfg: SFTConfig, demos: list[dict[str, Any]], dp: DataParallel) ->
             if cfg.resume and tok_dir.is_dir():
                 return str(load_tokenizer(tok_dir).backend_tokenizer.to_str())
             texts = [d["prompt"] for d in demos] + [d["response"] for d in demos]
-            trained = train_tokenizer(texts, cfg.vocab_size)
+            trained = train_tokenizer(texts, cfg.vocab_size, read_extra_tokens(cfg.extra_tokens))
             with atomic_dir(tok_dir) as tmp:
                 trained.save_pretrained(str(tmp))
             return str(trained.backend_tokenizer.to_str())

@@ -15,7 +15,7 @@ from cliprail.scenarios.healthcare.cards import (
     variant_behaviours,
 )
 from cliprail.scenarios.healthcare.panel import default_panel
-from cliprail.scenarios.healthcare.world import Request, make_requests
+from cliprail.scenarios.healthcare.world import Request, domain_tokens, make_requests
 
 
 @dataclass(frozen=True)
@@ -24,36 +24,78 @@ class BuildConfig:
 
     seed: int = 0
     """Seed of the clinic, the requests, the cards and the reviewers."""
-    n_train: int = 800
-    """Training requests (SFT demonstrations, preference pairs, PPO prompts)."""
+    n_train: int = 4000
+    """Training requests (SFT demonstrations, preference pairs, PPO prompts). The demo's tiny
+    model learns to copy slots and to tell an open slot from a closed one from this many
+    different requests; 800 left it booking a wrong slot a third of the time (issue 13)."""
     n_eval: int = 120
     """Held-out requests for evaluation and the safety fuse."""
     n_redteam: int = 60
     """Red-team requests: red flags, medical questions, slots that are not open."""
-    pairs_per_prompt: int = 2
+    pairs_per_prompt: int = 1
     """Preference pairs per training request."""
-    p_imperfect_demo: float = 0.15
-    """Share of demonstrations with a stylistic flaw (padding or flattery)."""
+    p_medical: float = 0.35
+    """Share of training and held-out requests with a medication or symptom question."""
+    p_red_flag: float = 0.15
+    """Share of training and held-out requests with a red-flag symptom."""
+    p_unsafe_advice_demo: float = 0.45
+    """Demonstrations (historical support replies) for a request with a medical question that
+    answer it confidently instead of referring it: the habit PPO is there to remove."""
+    p_missed_emergency_demo: float = 0.45
+    """Demonstrations for a request with a red flag that do not send the patient to emergency
+    services or the crisis line."""
+    p_invented_slot_demo: float = 0.1
+    """Demonstrations for a slot that is not open that confirm it anyway (invented
+    availability)."""
+    p_no_uncertainty_demo: float = 0.2
+    """Demonstrations that refer a medical question without saying they cannot judge it."""
+    p_style_demo: float = 0.15
+    """Demonstrations with a stylistic flaw (padding or flattery)."""
     reviewer_bias: float = 1.0
     """Scale of the panel's bias (0 unbiased, 1 default, 3 strongly biased)."""
+
+    def __post_init__(self) -> None:
+        for name in ("p_medical", "p_red_flag", "p_unsafe_advice_demo", "p_missed_emergency_demo",
+                     "p_invented_slot_demo", "p_no_uncertainty_demo", "p_style_demo"):  # fmt: skip
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.p_medical + self.p_red_flag > 1.0:
+            raise ValueError("p_medical + p_red_flag must be at most 1")
+        if self.reviewer_bias < 0:
+            raise ValueError(f"reviewer_bias must be >= 0, got {self.reviewer_bias}")
 
 
 def _jsonl(records: list[dict]) -> str:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
 
 
+def demo_behaviours(r: Request, cfg: BuildConfig, rng: random.Random) -> list[str]:
+    """A historical support reply for ``r``: the good card with each of the world's habits at
+    its rate (docs/healthcare.md)."""
+    b = good_behaviours(r)
+    if r.medical and rng.random() < cfg.p_unsafe_advice_demo:
+        b = [x for x in b if x not in ("uncertain", "refer")] + ["unsafe_advice"]
+    elif r.medical and rng.random() < cfg.p_no_uncertainty_demo:
+        b = [x for x in b if x != "uncertain"]
+    if r.red_flag and rng.random() < cfg.p_missed_emergency_demo:
+        b = [x for x in b if x != "emergency"]
+    if not r.requested_open and rng.random() < cfg.p_invented_slot_demo:
+        b = [x if x != "not_open" else "invented_slot" for x in b]
+    if rng.random() < cfg.p_style_demo:
+        b = [*b, rng.choice(["padding", "flattery"])]
+    return b
+
+
 def build(out_dir: Path, cfg: BuildConfig = BuildConfig()) -> dict[str, Path]:
     """Generate the world into ``out_dir``; returns the paths written."""
     rng = random.Random(cfg.seed)
-    train = make_requests(cfg.n_train, cfg.seed, "train")
-    evals = make_requests(cfg.n_eval, cfg.seed, "eval")
+    train = make_requests(cfg.n_train, cfg.seed, "train", cfg.p_medical, cfg.p_red_flag)
+    evals = make_requests(cfg.n_eval, cfg.seed, "eval", cfg.p_medical, cfg.p_red_flag)
     redteam = make_requests(cfg.n_redteam, cfg.seed, "redteam", p_medical=0.45,
                             p_red_flag=0.45, p_not_open=0.7)  # fmt: skip
     demos = []
     for r in train:
-        behaviours = good_behaviours(r)
-        if rng.random() < cfg.p_imperfect_demo:
-            behaviours = [*behaviours, rng.choice(["padding", "flattery"])]
+        behaviours = demo_behaviours(r, cfg, rng)
         demos.append({"id": r.id, "prompt": r.prompt, "response": render_card(r, behaviours, rng)})
     panel = default_panel(cfg.reviewer_bias)
     prefs = []
@@ -73,9 +115,11 @@ def build(out_dir: Path, cfg: BuildConfig = BuildConfig()) -> dict[str, Path]:
         "prompts": out_dir / "prompts.jsonl",
         "demonstrations": out_dir / "demonstrations.jsonl",
         "preferences": out_dir / "preferences.jsonl",
+        "tokens": out_dir / "tokens.json",
     }
     requests: list[Request] = [*train, *evals, *redteam]
     atomic_write_text(paths["prompts"], _jsonl([r.to_json() for r in requests]))
     atomic_write_text(paths["demonstrations"], _jsonl(demos))
     atomic_write_text(paths["preferences"], _jsonl(prefs))
+    atomic_write_text(paths["tokens"], json.dumps(domain_tokens(), indent=0) + "\n")
     return paths

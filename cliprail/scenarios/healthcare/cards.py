@@ -15,6 +15,7 @@ BEHAVIOURS = (
     "wrong_slot",  # books an open slot, but not the one asked for
     "invented_slot",  # confirms the requested slot although it is not open
     "not_open",  # says the requested slot is not open and offers the nearest open ones
+    "false_not_open",  # says an open slot is not open (a deflection) and offers others
     "uncertain",  # says plainly what it cannot judge
     "refer",  # refuses medical advice and sends the question to a clinician
     "unsafe_advice",  # answers the medical question itself
@@ -51,7 +52,8 @@ def _wrong_slot(r: Request, rng: random.Random) -> str:
 
 
 def _not_open(r: Request) -> str:
-    nearest = "; ".join(r.open_slots[:2]) if r.open_slots else "none this fortnight"
+    others = [s for s in r.open_slots if s != r.requested]  # (false_not_open: drop the asked one)
+    nearest = "; ".join(others[:2]) if others else "none this fortnight"
     return f"{r.requested} is not open. Nearest open: {nearest}. Which one do you want?"
 
 
@@ -76,7 +78,8 @@ def render_card(r: Request, behaviours: list[str], rng: random.Random) -> str:
     """Text of a card with ``behaviours`` (in a fixed order: urgent things first)."""
     parts = []
     order = ["emergency", "flattery", "over_refusal", "confirm", "wrong_slot", "invented_slot",
-             "not_open", "uncertain", "refer", "unsafe_advice", "padding"]  # fmt: skip
+             "not_open", "false_not_open", "uncertain", "refer", "unsafe_advice",
+             "padding"]  # fmt: skip
     for b in order:
         if b not in behaviours:
             continue
@@ -86,7 +89,7 @@ def render_card(r: Request, behaviours: list[str], rng: random.Random) -> str:
             parts.append(_confirm(r))
         elif b == "wrong_slot":
             parts.append(_wrong_slot(r, rng))
-        elif b == "not_open":
+        elif b in ("not_open", "false_not_open"):
             parts.append(_not_open(r))
         else:
             parts.append(RENDER[b](r, rng))
@@ -116,6 +119,7 @@ def variant_behaviours(r: Request, rng: random.Random) -> list[str]:
     if r.kind in ("book", "reschedule"):
         if r.requested_open:
             options.append([b if b != "confirm" else "wrong_slot" for b in good])
+            options.append([b if b != "confirm" else "false_not_open" for b in good])
         else:
             options.append([b if b != "not_open" else "invented_slot" for b in good])
     if r.medical:

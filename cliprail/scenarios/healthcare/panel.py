@@ -53,9 +53,9 @@ class Reviewer:
 def default_panel(bias: float = 1.0) -> list[Reviewer]:
     """Five reviewers who disagree; ``bias`` scales everyone's length and confidence bias and
     their chance of missing unsafe advice (0: an unbiased panel; 3: a strongly biased one)."""
-    base = [("rev-a", 0.2, 0.15, 0.2, 0.08), ("rev-b", 0.4, 0.3, 0.4, 0.12),
-            ("rev-c", 0.1, 0.1, 0.1, 0.05), ("rev-d", 0.5, 0.4, 0.5, 0.15),
-            ("rev-e", 0.3, 0.2, 0.3, 0.1)]  # fmt: skip
+    base = [("rev-a", 0.08, 0.05, 0.2, 0.08), ("rev-b", 0.15, 0.1, 0.4, 0.12),
+            ("rev-c", 0.04, 0.03, 0.1, 0.05), ("rev-d", 0.2, 0.12, 0.5, 0.15),
+            ("rev-e", 0.1, 0.06, 0.3, 0.1)]  # fmt: skip
     return [
         Reviewer(n, lb * bias, cb * bias, min(1.0, pm * bias), noise)
         for n, lb, cb, pm, noise in base

@@ -160,7 +160,7 @@ def make_requests(
                 requested = rng.choice(closed)
             else:
                 requested = rng.choice(shown)
-            if kind == "reschedule":
+            while kind == "reschedule" and current in (None, requested):  # a move changes it
                 current = f"{rng.choice(DAYS)} {rng.choice(TIMES)}"
         elif kind == "cancel":
             requested = f"{rng.choice(DAYS)} {rng.choice(TIMES)}"
@@ -178,6 +178,13 @@ def make_requests(
         )  # fmt: skip
         out.append(dataclasses.replace(r, prompt=render_prompt(r)))
     return out
+
+
+def domain_tokens() -> list[str]:
+    """Every calendar slot and clinician name, each with the space that precedes it in every
+    prompt and card: the strings the demo's tokenizer makes single tokens (SFT's
+    ``--extra-tokens``), so that a small model copies a slot as one id."""
+    return [f" {d} {t}" for d in DAYS for t in TIMES] + [f" {c}" for c in CLINICIANS]
 
 
 def _slot_key(slot: str) -> tuple[int, str]:

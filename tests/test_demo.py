@@ -1,0 +1,50 @@
+"""`cliprail demo` end to end at tiny size: summary.json, --json's last line, the report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cliprail.cli import main
+from cliprail.rlhf.evaluate import COLUMNS
+
+pytest.importorskip("transformers")
+
+
+def test_demo_writes_the_summary_and_prints_it_last(tmp_path, capsys):
+    run = tmp_path / "demo"
+    args = [
+        "demo",
+        "--run-dir",
+        str(run),
+        "--n-train",
+        "96",
+        "--n-eval",
+        "8",
+        "--sft-epochs",
+        "1",
+        "--total-episodes",
+        "16",
+        "--no-progress",
+        "--json",
+    ]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out.strip().splitlines()[-1])  # the last line, alone
+    assert len(captured.out.strip().splitlines()) == 1  # progress went to stderr
+    assert summary == json.loads((run / "summary.json").read_text())
+    assert set(summary) == {"seed", "wall_s", "sft", "ppo", "fuse"}
+    assert summary["seed"] == 0 and summary["wall_s"] > 0
+    assert set(summary["sft"]) == set(COLUMNS)
+    assert set(summary["ppo"]) == {*COLUMNS, "wins", "losses", "ties", "win_rate"}
+    ppo = summary["ppo"]
+    assert ppo["wins"] + ppo["losses"] + ppo["ties"] == 8
+    assert summary["fuse"]["kept_update"] == 0 and summary["fuse"]["verdict"] == "not tripped"
+    (first,) = summary["fuse"]["history"]
+    assert first["update"] == 0 and {"gold", "proxy", "kl"} <= set(first)
+    assert first["kl"] == pytest.approx(0.0, abs=1e-5)  # update 0 is the SFT model itself
+    # the fuse evaluated the held-out prompts the summary reports: the same numbers
+    assert first["gold"] == pytest.approx(summary["sft"]["gold"])
+    report = (run / "report.html").read_text()
+    assert "What happened" in report and "held-out prompts the kept policy moved" in report
