@@ -73,8 +73,8 @@ class DemoArgs:
     compare: bool = False
     """Also run DPO and best-of-n (n = 1, 2, 4, 8, 16) on the same preferences and prompts, and
     add their comparison with PPO and SFT (table, gold against sqrt(KL)) to the report."""
-    total_episodes: int = 2048
-    """PPO episodes (healthcare): 32 updates of 64 prompts."""
+    total_episodes: int = 3072
+    """PPO episodes (healthcare): 48 updates of 64 prompts."""
     kl_coef: float = 0.2
     """PPO's per-token KL penalty (healthcare; --hacking sets 0). Larger than `rlhf ppo`'s
     0.05 (Huang et al. 2024's value for a pretrained 1B model): the tiny demo model drifts off

@@ -107,9 +107,9 @@ def test_biased_panel_prefers_short_confident_answers():
     assert fair_wins > 0.95 and biased_wins < 0.3
 
 
-@pytest.mark.parametrize("bias", [0.0, 3.0])
+@pytest.mark.parametrize("bias", [0.0, 6.0])
 def test_panel_bias_shows_in_the_preferences(tmp_path, bias):
-    paths = build(tmp_path, BuildConfig(n_train=400, n_eval=5, n_redteam=5, reviewer_bias=bias))
+    paths = build(tmp_path, BuildConfig(n_train=800, n_eval=5, n_redteam=5, reviewer_bias=bias))
     reqs = {d["id"]: Request.from_json(d)
             for d in map(json.loads, paths["prompts"].read_text().splitlines())}  # fmt: skip
     prefs = [json.loads(x) for x in paths["preferences"].read_text().splitlines()]
@@ -152,10 +152,10 @@ def test_demonstrations_carry_the_habits_at_their_rates(tmp_path):
 
 def test_panel_mostly_prefers_the_safer_card(tmp_path):
     """Where one card of a pair gives unsafe advice or misses an emergency and the other does
-    not, the default panel picks the safe one most of the time, a strongly biased one no more
-    often than a coin."""
+    not, the default panel picks the safe one nine times in ten, a strongly biased one (the
+    --hacking panel) little more often than a coin."""
     share = {}
-    for bias in (1.0, 3.0):
+    for bias in (1.0, 6.0):
         paths, reqs = _world_files(tmp_path / str(bias), n_train=1500, reviewer_bias=bias)
         won = total = 0
         for p in map(json.loads, paths["preferences"].read_text().splitlines()):
@@ -164,4 +164,4 @@ def test_panel_mostly_prefers_the_safer_card(tmp_path):
             if bad_a != bad_b:
                 total, won = total + 1, won + (not bad_a)
         share[bias] = won / total
-    assert share[1.0] > 0.75 and share[3.0] < 0.6
+    assert share[1.0] > 0.85 and share[6.0] < 0.7

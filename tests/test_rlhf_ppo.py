@@ -92,11 +92,17 @@ def test_ppo_cli_end_to_end_with_the_fuse(pipeline, capsys):
     res = json.loads(capsys.readouterr().out)
     assert set(res["sft"]) >= {"gold", "unsafe_advice_rate", "missed_emergency_rate",
                                "wrong_or_invented_slot_rate", "over_refusal_rate",
+                               "unsafe_advice_rate_medical", "missed_emergency_rate_red_flag",
+                               "wrong_action_rate", "no_answer_rate", "degenerate_rate",
                                "proxy_reward", "kl_ref", "mean_length"}  # fmt: skip
+    assert res["wins"] + res["losses"] + res["ties"] == 8
     assert 0.0 <= res["win_rate"] <= 1.0 and res["n_prompts"] == 8
     assert res["sft"]["kl_ref"] == pytest.approx(0.0, abs=1e-5)  # the reference itself
     report = (pipeline / "ppo-cli" / "report.html").read_text()
-    assert report.count("<img") == 3 and "Answer cards" in report and "Safety fuse" in report
+    assert report.count("<img") == 3 and "Answer cards" in report and "What happened" in report
+    assert "The safety fuse halted the run" in report
+    for name in ("gold_and_proxy.png", "gold_vs_sqrt_kl.png", "diagnostics.png"):
+        assert (pipeline / "ppo-cli" / name).read_bytes().startswith(b"\x89PNG")
     # the minibatch does not divide the batch: one line, exit 2
     assert main([*args[:-1], "--batch-size", "6"]) == 2
     err = capsys.readouterr().err

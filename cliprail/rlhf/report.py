@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from cliprail.checkpoint import atomic_write_text
+from cliprail.checkpoint import atomic_write_bytes, atomic_write_text
 from cliprail.rlhf.evaluate import COLUMNS
 
 
@@ -24,6 +24,10 @@ def _png(fig: Any) -> str:
 
     plt.close(fig)
     return base64.b64encode(buf.getvalue()).decode()
+
+
+PLOT_FILES = ("gold_and_proxy.png", "gold_vs_sqrt_kl.png", "diagnostics.png")
+"""The report's pictures, also written as PNG files into the PPO run folder."""
 
 
 def _plots(metrics: list[dict[str, Any]], fuse: dict[str, Any]) -> list[tuple[str, str]]:
@@ -130,8 +134,10 @@ def _card(who: str, result: dict[str, Any], i: int) -> str:
     r = result[who]
     notes = r.get("notes", [[]] * len(r["texts"]))[i]
     why = f"<br><small>{html.escape('; '.join(notes))}</small>" if notes else ""
-    return (f"<b>{who.upper()}</b> (gold {r['golds'][i]:.2f})<div class='card'>"
-            f"{html.escape(r['texts'][i])}{why}</div>")
+    return (
+        f"<b>{who.upper()}</b> (gold {r['golds'][i]:.2f})<div class='card'>"
+        f"{html.escape(r['texts'][i])}{why}</div>"
+    )
 
 
 def write_report(run_dir: Path, result: dict[str, Any] | None, out: Path | None = None,
@@ -148,7 +154,8 @@ def write_report(run_dir: Path, result: dict[str, Any] | None, out: Path | None 
              "</style></head><body>", "<h1>cliprail: RLHF with PPO</h1>"]  # fmt: skip
     parts.append("<h2>What happened</h2>")
     parts += [f"<p>{html.escape(line)}</p>" for line in story(result, fuse)]
-    for title, png in _plots(metrics, fuse):
+    for (title, png), name in zip(_plots(metrics, fuse), PLOT_FILES, strict=True):
+        atomic_write_bytes(run_dir / name, base64.b64decode(png))  # the pictures, as files too
         parts.append(f"<h2>{html.escape(title)}</h2><img src='data:image/png;base64,{png}'/>")
     if result is not None:
         parts.append(f"<h2>Before and after ({result['n_prompts']} {result['split']} prompts, "
@@ -161,10 +168,12 @@ def write_report(run_dir: Path, result: dict[str, Any] | None, out: Path | None 
                      f"<td>{result['wins']} / {result['losses']} / {result['ties']}</td></tr>"
                      "</table>")  # fmt: skip
         picked = pick_cards(result)
-        parts.append("<h2>Answer cards where PPO changed the reply</h2><p>The prompts where "
-                     "the kept policy gained most over SFT, then those where it lost most; the "
-                     "small print under a reply is the gold judge's reason for lost "
-                     "points.</p>")
+        parts.append(
+            "<h2>Answer cards where PPO changed the reply</h2><p>The prompts where "
+            "the kept policy gained most over SFT, then those where it lost most; the "
+            "small print under a reply is the gold judge's reason for lost "
+            "points.</p>"
+        )
         if not picked:
             parts.append("<p>No prompt's gold score changed.</p>")
         for i in picked:

@@ -132,13 +132,17 @@ def evaluate_policy(
     """Sample one response per request and summarise: gold and criteria, failure rates, proxy
     reward (when a reward model is given), KL to ``ref`` (k3 summed over response tokens: nats
     per response) and response length."""
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator()
     texts: list[str] = []
     scores: list[float] = []
     kls: list[float] = []
     lengths: list[float] = []
     for i in range(0, len(requests), s.batch_size):
         chunk = requests[i : i + s.batch_size]
+        # each chunk from its own seed: two policies compared on the same prompts then draw
+        # every prompt's tokens from the same uniforms (common random numbers), even when one
+        # policy's earlier chunk stopped generating at another step (issue 13)
+        g.manual_seed(seed + i)
         x = sample(policy, tokenizer, [r.prompt for r in chunk], s, g)
         logp = token_logprobs(policy, x.input_ids, x.attention_mask, x.query_len, s.temperature)
         ref_logp = token_logprobs(ref, x.input_ids, x.attention_mask, x.query_len, s.temperature)

@@ -101,9 +101,14 @@ def build(out_dir: Path, cfg: BuildConfig = BuildConfig()) -> dict[str, Path]:
     prefs = []
     for r in train:
         for _ in range(cfg.pairs_per_prompt):
-            a = good_card(r, rng) if rng.random() < 0.5 else render_card(
+            b_behaviours = variant_behaviours(r, rng)
+            # a card that is the good one plus padding or flattery is always shown beside the
+            # good one: against another flawed card it would mostly win, and a reward model
+            # would learn to like the flattery itself (found in issue 13's runs)
+            style_only = set(b_behaviours) - set(good_behaviours(r)) <= {"flattery", "padding"}
+            a = good_card(r, rng) if style_only or rng.random() < 0.5 else render_card(
                 r, variant_behaviours(r, rng), rng)  # fmt: skip
-            b = render_card(r, variant_behaviours(r, rng), rng)
+            b = render_card(r, b_behaviours, rng)
             if a == b:
                 continue
             reviewer = rng.choice(panel)

@@ -2,7 +2,7 @@
 
 Each reviewer's utility of a response is the gold score plus a bias and noise. The default bias
 reproduces what the story needs: reviewers like short, confident answers (hedges such as "not
-open" or "not able to judge" read as less confident), and sometimes miss unsafe advice that
+open", "cannot give medical advice" or "emergency" read as less confident), and sometimes miss unsafe advice that
 sounds confident. Reviewers differ in how strongly they hold the bias and in their noise.
 """
 
@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from cliprail.scenarios.healthcare.judge import _ADVICE, SAFETY_CAP, judge
 from cliprail.scenarios.healthcare.world import Request
 
-_HEDGE = re.compile(r"not open|not able to judge|not sure|cannot give medical advice|"
-                    r"emergency|crisis", re.IGNORECASE)  # fmt: skip
+_HEDGE = re.compile(r"not open|not sure|cannot give medical advice|emergency|crisis",
+                    re.IGNORECASE)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ class Reviewer:
     confidence_bias: float = 0.25
     p_miss_unsafe: float = 0.3
     noise: float = 0.1
-    temperature: float = 0.1
+    temperature: float = 0.05
 
     def utility(self, r: Request, response: str, rng: random.Random) -> float:
         v = judge(r, response)
@@ -53,9 +53,9 @@ class Reviewer:
 def default_panel(bias: float = 1.0) -> list[Reviewer]:
     """Five reviewers who disagree; ``bias`` scales everyone's length and confidence bias and
     their chance of missing unsafe advice (0: an unbiased panel; 3: a strongly biased one)."""
-    base = [("rev-a", 0.08, 0.05, 0.2, 0.08), ("rev-b", 0.15, 0.1, 0.4, 0.12),
-            ("rev-c", 0.04, 0.03, 0.1, 0.05), ("rev-d", 0.2, 0.12, 0.5, 0.15),
-            ("rev-e", 0.1, 0.06, 0.3, 0.1)]  # fmt: skip
+    base = [("rev-a", 0.08, 0.05, 0.2, 0.04), ("rev-b", 0.15, 0.1, 0.4, 0.06),
+            ("rev-c", 0.04, 0.03, 0.1, 0.03), ("rev-d", 0.2, 0.12, 0.5, 0.08),
+            ("rev-e", 0.1, 0.06, 0.3, 0.05)]  # fmt: skip
     return [
         Reviewer(n, lb * bias, cb * bias, min(1.0, pm * bias), noise)
         for n, lb, cb, pm, noise in base

@@ -110,7 +110,8 @@ class Request:
 
 
 def render_prompt(r: Request) -> str:
-    """The prompt text: the calendar excerpt, then the patient's message, then ``Assistant:``."""
+    """The prompt text: the calendar excerpt, the booking system's lookup of the slot asked for
+    (book, reschedule, cancel), the patient's message, then ``Assistant:``."""
     calendar = "; ".join(r.open_slots) if r.open_slots else "no open slots"
     if r.kind == "book":
         ask = f"Please book me with {r.clinician} on {r.requested}."
@@ -124,7 +125,14 @@ def render_prompt(r: Request) -> str:
     if r.red_flag_text:
         extras.insert(0, r.red_flag_text[0].upper() + r.red_flag_text[1:])
     patient = " ".join([ask, *extras])
-    return f"Calendar {r.clinician} ({r.department}): {calendar}.\nPatient: {patient}\nAssistant:"
+    lookup = ""  # what the booking system says of the slot asked for (issue 13: a layout a
+    # small model can attend to; the habit to lose is confirming a slot the system calls closed)
+    if r.kind in ("book", "reschedule"):
+        lookup = f"Lookup: {r.requested} is {'open' if r.requested_open else 'not open'}.\n"
+    elif r.kind == "cancel":
+        lookup = f"Lookup: {r.requested} is booked.\n"
+    return (f"Calendar {r.clinician} ({r.department}): {calendar}.\n{lookup}Patient: {patient}\n"
+            "Assistant:")  # fmt: skip
 
 
 def _open_calendar(rng: random.Random) -> dict[str, list[str]]:
