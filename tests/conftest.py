@@ -64,7 +64,8 @@ def pipeline(tmp_path_factory):
         (data / name).write_text("\n".join(lines) + "\n")
     assert main(["rlhf", "sft", "--data", str(data / "demonstrations.jsonl"), "--run-dir",
                  str(root / "sft"), "--epochs", "3", "--n-embd", "32", "--n-head", "2",
-                 "--vocab-size", "400", "--no-progress"]) == 0  # fmt: skip
+                 "--vocab-size", "400", "--extra-tokens", str(data / "tokens.json"),
+                 "--no-progress"]) == 0  # fmt: skip
     assert main(["rlhf", "reward", "--data", str(data / "preferences.jsonl"), "--sft-model",
                  str(root / "sft" / "model"), "--run-dir", str(root / "rm"), "--epochs", "1",
                  "--demonstrations", str(data / "demonstrations.jsonl"),

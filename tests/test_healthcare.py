@@ -146,7 +146,7 @@ def test_demonstrations_carry_the_habits_at_their_rates(tmp_path):
                                p_no_uncertainty_demo=0.0, p_style_demo=0.0)  # fmt: skip
     demos = [json.loads(x) for x in paths["demonstrations"].read_text().splitlines()]
     assert all(judge(reqs[d["id"]], d["response"]).gold > 1 - 1e-9 for d in demos)
-    with pytest.raises(ValueError, match="p_medical"):
+    with pytest.raises(ValueError, match="--p-medical"):
         BuildConfig(p_medical=1.5)
 
 

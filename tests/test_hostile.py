@@ -217,6 +217,30 @@ def test_a_device_this_machine_lacks(pipeline, tmp_path, capsys, device, needle)
     assert not (tmp_path / "r" / "model").exists()
 
 
+@pytest.mark.parametrize(
+    "content,needle",
+    [(None, "file not found"), (b'{"a": 1}', "expected a JSON list of non-empty strings"),
+     (b'["Dr. Ali", ""]', "expected a JSON list of non-empty strings"),
+     (b"[1, 2", "not a JSON list of strings")],
+)  # fmt: skip
+def test_extra_tokens_file_that_is_not_a_list_of_strings(pipeline, tmp_path, capsys, content,
+                                                         needle):  # fmt: skip
+    f = tmp_path / "tokens.json"
+    if content is not None:
+        f.write_bytes(content)
+    data = pipeline / "data" / "demonstrations.jsonl"
+    rc = main(["rlhf", "sft", "--data", str(data), "--run-dir", str(tmp_path / "r"),
+               "--extra-tokens", str(f)])  # fmt: skip
+    _one_line_error(capsys, rc, str(f), needle)
+    assert not (tmp_path / "r").exists()
+
+
+def test_world_rate_out_of_range(tmp_path, capsys):
+    rc = main(["rlhf", "world", "--out", str(tmp_path / "w"), "--p-medical", "1.5"])
+    _one_line_error(capsys, rc, "--p-medical must be in [0, 1], got 1.5")
+    assert not (tmp_path / "w").exists()
+
+
 def test_prompt_longer_than_the_context_window(pipeline, tmp_path, capsys):
     rc = main(_ppo_args(pipeline, tmp_path / "run", **{"--max-prompt-len": "8"}))
     _one_line_error(capsys, rc, "exceeds the context budget of 8", "--max-prompt-len")

@@ -28,7 +28,8 @@ def _args(stage: str, pipe: Path, run: Path) -> list[str]:
     common = ["--run-dir", str(run), "--no-progress", "--checkpoint-every", "2"]
     if stage == "sft":  # 96 demonstrations / 16 = 6 steps an epoch, 12 steps
         return ["rlhf", "sft", "--data", str(data / "demonstrations.jsonl"), "--epochs", "2",
-                "--n-embd", "32", "--n-head", "2", "--vocab-size", "400", *common]  # fmt: skip
+                "--n-embd", "32", "--n-head", "2", "--vocab-size", "400", "--extra-tokens",
+                str(data / "tokens.json"), *common]  # fmt: skip
     if stage == "reward":  # 87 training pairs / 16 = 6 steps an epoch, 12 steps
         return ["rlhf", "reward", "--data", str(data / "preferences.jsonl"), "--sft-model",
                 str(sft), "--epochs", "2", "--batch-size", "16", "--demonstrations",

@@ -94,6 +94,7 @@ def train_sft(cfg: SFTConfig) -> Path:
     """Run SFT; returns the folder of the fine-tuned model (with its tokenizer). Under torchrun
     every rank trains on its share of each global batch (see :mod:`cliprail.rlhf.parallel`)."""
     demos = read_jsonl(cfg.data, ("prompt", "response"))
+    read_extra_tokens(cfg.extra_tokens)  # a bad tokens file fails before the run folder exists
     dp = DataParallel.from_env(cfg.fsdp, cfg.device)
     try:
         return _train_sft(cfg, demos, dp)

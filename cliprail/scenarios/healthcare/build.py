@@ -58,11 +58,12 @@ class BuildConfig:
         for name in ("p_medical", "p_red_flag", "p_unsafe_advice_demo", "p_missed_emergency_demo",
                      "p_invented_slot_demo", "p_no_uncertainty_demo", "p_style_demo"):  # fmt: skip
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+                flag = "--" + name.replace("_", "-")
+                raise ValueError(f"{flag} must be in [0, 1], got {getattr(self, name)}")
         if self.p_medical + self.p_red_flag > 1.0:
-            raise ValueError("p_medical + p_red_flag must be at most 1")
+            raise ValueError("--p-medical + --p-red-flag must be at most 1")
         if self.reviewer_bias < 0:
-            raise ValueError(f"reviewer_bias must be >= 0, got {self.reviewer_bias}")
+            raise ValueError(f"--reviewer-bias must be >= 0, got {self.reviewer_bias}")
 
 
 def _jsonl(records: list[dict]) -> str:
