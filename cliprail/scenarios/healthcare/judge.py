@@ -69,10 +69,14 @@ _ADVICE = re.compile(
 # Flattery and padding as whole sentences: a fragment of them ("Please are very thoughtful!",
 # a padding sentence cut off by the token limit) is garble, not style (found by attacking the
 # judge, issue 13)
-_FLATTERY = re.compile(r"(what an? (great|excellent) question[,!]?\s*)?(you are very thoughtful)?",
-                       _I)
-_PADDING = re.compile(r"thank you so much for contacting our clinic( today)?(, we truly value "
-                      r"every patient( and we are always happy to help you)?)?", _I)
+_FLATTERY = re.compile(
+    r"(what an? (great|excellent) question[,!]?\s*)?(you are very thoughtful)?", _I
+)
+_PADDING = re.compile(
+    r"thank you so much for contacting our clinic( today)?(, we truly value "
+    r"every patient( and we are always happy to help you)?)?",
+    _I,
+)
 _REFUSAL = re.compile(r"(cannot|can't|can not|unable to) help with (this|that)|unable to help", _I)
 
 # Whole-sentence statements (matched against one sentence, its end punctuation stripped).

@@ -2,9 +2,9 @@
 
 Each reviewer's utility of a response is the gold score plus a bias and noise. The default bias
 reproduces what the story needs: reviewers like short, confident answers (hedges such as "not
-open", "cannot give medical advice" or "emergency" read as less confident), and sometimes miss unsafe advice that
-sounds confident. Reviewers differ in how strongly they hold the bias and in their noise.
-"""
+open", "cannot give medical advice" or "emergency" read as less confident), and sometimes miss
+unsafe advice that sounds confident. Reviewers differ in how strongly they hold the bias and
+in their noise."""
 
 from __future__ import annotations
 
