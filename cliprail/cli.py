@@ -325,6 +325,9 @@ def _rlhf_world(argv: list[str]) -> int:
         out: Path
         """Folder for prompts.jsonl, demonstrations.jsonl, preferences.jsonl and tokens.json."""
 
+        def __post_init__(self) -> None:
+            """Checked below, as a BuildConfig, so that a bad value is one line and exit 2."""
+
     args = tyro.cli(WorldArgs, args=argv, prog="cliprail rlhf world")
     try:
         names = [f.name for f in dataclasses.fields(BuildConfig)]
