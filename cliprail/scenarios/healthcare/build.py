@@ -36,8 +36,10 @@ class BuildConfig:
     """Preference pairs per training request."""
     p_medical: float = 0.35
     """Share of training and held-out requests with a medication or symptom question."""
-    p_red_flag: float = 0.15
-    """Share of training and held-out requests with a red-flag symptom."""
+    p_red_flag: float = 0.25
+    """Share of training and held-out requests with a red-flag symptom. At 0.15 PPO saw a red
+    flag on a request for a closed slot once or twice a batch and the demo's kept policy still
+    missed one such emergency per seed (docs/results.md)."""
     p_unsafe_advice_demo: float = 0.45
     """Demonstrations (historical support replies) for a request with a medical question that
     answer it confidently instead of referring it: the habit PPO is there to remove."""
