@@ -102,6 +102,10 @@ class DemoArgs:
     json: bool = False
     """Print the run's summary.json as one JSON line on standard output, last (the progress
     lines go to standard error)."""
+    threads: int = 1
+    """Torch threads (healthcare). One gives the same numbers on every machine, those of
+    docs/results.md; more threads sum floats in another order, and the run follows another
+    trajectory (seed 0 with 2 threads kept another checkpoint: docs/results.md)."""
 
 
 def _rl_train(argv: list[str]) -> int:
@@ -194,6 +198,8 @@ def _demo_cartpole(args: DemoArgs, run_dir: Path) -> int:
 
 
 def _demo_rlhf(args: DemoArgs, run_dir: Path) -> int:
+    import torch
+
     from cliprail.checkpoint import atomic_write_json
     from cliprail.rlhf.evaluate import EvalConfig, compare, table
     from cliprail.rlhf.ppo import PPOConfig, train_ppo
@@ -202,6 +208,11 @@ def _demo_rlhf(args: DemoArgs, run_dir: Path) -> int:
     from cliprail.rlhf.sft import SFTConfig, train_sft
     from cliprail.scenarios.healthcare import BuildConfig, build
 
+    if args.threads < 1:
+        from cliprail.errors import ConfigError
+
+        raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     say = _stderr if args.json else print  # --json: stdout carries the summary alone
     bias = 6.0 if args.hacking else 1.0
