@@ -24,7 +24,8 @@ def world(tmp_path_factory):
 def sft_model(world, tmp_path_factory):
     run = tmp_path_factory.mktemp("sft") / "run"
     return train_sft(SFTConfig(data=world["demonstrations"], run_dir=run, epochs=8,
-                               n_embd=32, n_head=2, vocab_size=400, progress=False))  # fmt: skip
+                               n_embd=32, n_head=2, vocab_size=400, extra_tokens=world["tokens"],
+                               progress=False))  # fmt: skip
 
 
 def test_sft_lowers_the_response_loss_and_saves_a_loadable_model(sft_model):
