@@ -39,7 +39,7 @@ def command(nproc: int, args: argparse.Namespace, run_dir: Path) -> list[str]:
     )
     cmd = [
         *launcher, "--standalone", f"--nproc_per_node={nproc}", "-m", "cliprail", "rl", "train",
-        "--env-id", args.env_id, "--preset", "none", "--num-envs", str(args.num_envs),
+        "--env-id", args.env_id, "--preset", "classic", "--num-envs", str(args.num_envs),
         "--num-steps", str(NUM_STEPS), "--epochs", "1",
         "--minibatch-size", str(args.num_envs * NUM_STEPS),
         "--total-steps", str(nproc * per_process), "--checkpoint-every", "0",

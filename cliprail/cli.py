@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -38,6 +39,39 @@ commands:
 global flags:
   --debug     show Python tracebacks instead of one-line errors
 """
+
+
+LIST_ITEM = re.compile(r"^\s*(?:[-*\u2022]\s|\d+[.)]\s)")
+"""A docstring line that starts a list item: it keeps its line break in --help."""
+
+
+def help_paragraphs(helptext: str) -> str:
+    """A docstring as help text: each paragraph's lines joined into one, so the terminal wraps
+    them; a blank line still separates paragraphs and a list item (``- x``, ``1. x``) still
+    starts its own line. tyro 1.0 keeps a line break before every line that starts with
+    anything but a letter, so docstrings wrapped at 100 columns printed "... (reviewer bias"
+    and "6: they like ..." on separate lines, mid-sentence (issue 14)."""
+    paragraphs: list[list[str]] = [[]]
+    for raw in helptext.split("\n"):
+        line = raw.strip()
+        if not line:
+            if paragraphs[-1]:
+                paragraphs.append([])
+        elif paragraphs[-1] and not LIST_ITEM.match(line):
+            paragraphs[-1][-1] += " " + line
+        else:
+            paragraphs[-1].append(line)
+    return "\n\n".join("\n".join(p) for p in paragraphs if p)
+
+
+def parse_flags(cls: Any, **kwargs: Any) -> Any:
+    """``tyro.cli(cls, **kwargs)`` with :func:`help_paragraphs` for every help text."""
+    import tyro
+    from tyro import _strings
+
+    if hasattr(_strings, "remove_single_line_breaks"):  # the private hook tyro 1.0 calls
+        _strings.remove_single_line_breaks = help_paragraphs
+    return tyro.cli(cls, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -86,8 +120,9 @@ class DemoArgs:
     preference pairs and the PPO prompts come (default: the world's own, see `cliprail rlhf
     world --help`)."""
     n_eval: int | None = None
-    """Held-out requests; the safety fuse and the final evaluation use all of them (default:
-    the world's own)."""
+    """Held-out requests of each of the two held-out splits: the safety fuse chooses and stops
+    on the val split, the final evaluation tests on the eval split, which nothing chose on
+    (default: the world's own)."""
     sft_epochs: int = 8
     """SFT epochs over the world's demonstrations (healthcare): 2,000 steps of 16 at the
     default world size, enough for the tiny model to book the slot asked for."""
@@ -109,8 +144,6 @@ class DemoArgs:
 
 
 def _rl_train(argv: list[str]) -> int:
-    import tyro
-
     from cliprail.rl.config import PRESETS, RLConfig, preset_config
     from cliprail.rl.trainer import RLTrainer
 
@@ -123,7 +156,7 @@ def _rl_train(argv: list[str]) -> int:
         raise ConfigError(
             f"--preset: unknown preset {known.preset!r}; expected one of {sorted(PRESETS)}"
         )
-    cfg = tyro.cli(
+    cfg = parse_flags(
         RLConfig, args=argv, default=preset_config(known.preset), prog="cliprail rl train",
         description="Train PPO on a Gymnasium environment. --preset applies the paper's "
         "hyperparameters first; every other flag overrides them.",
@@ -146,11 +179,9 @@ def _rl_train(argv: list[str]) -> int:
 
 
 def _rl_eval(argv: list[str]) -> int:
-    import tyro
-
     from cliprail.rl.trainer import evaluate
 
-    args = tyro.cli(EvalArgs, args=argv, prog="cliprail rl eval")
+    args = parse_flags(EvalArgs, args=argv, prog="cliprail rl eval")
     result = evaluate(args.run_dir, args.episodes, not args.stochastic, args.seed)
     if args.json:
         print(json.dumps(result))
@@ -165,9 +196,7 @@ def _rl_eval(argv: list[str]) -> int:
 
 
 def _demo(argv: list[str]) -> int:
-    import tyro
-
-    args = tyro.cli(DemoArgs, args=argv, prog="cliprail demo")
+    args = parse_flags(DemoArgs, args=argv, prog="cliprail demo")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run_dir = args.run_dir or Path("runs/demo") / f"{args.world}-{stamp}"
     if args.world == "cartpole":
@@ -217,7 +246,8 @@ def _demo_rlhf(args: DemoArgs, run_dir: Path) -> int:
     say = _stderr if args.json else print  # --json: stdout carries the summary alone
     bias = 6.0 if args.hacking else 1.0
     say(f"cliprail demo: healthcare scheduling assistant, run folder {run_dir}")
-    sizes = {k: v for k, v in (("n_train", args.n_train), ("n_eval", args.n_eval)) if v}
+    sizes = {k: v for k, v in (("n_train", args.n_train), ("n_val", args.n_eval),
+                               ("n_eval", args.n_eval)) if v}  # fmt: skip
     world = BuildConfig(seed=args.seed, reviewer_bias=bias, **sizes)
     data = build(run_dir / "data", world)
     say(f"[1/5] world: {data['prompts'].parent} (reviewer bias {bias})")
@@ -235,17 +265,18 @@ def _demo_rlhf(args: DemoArgs, run_dir: Path) -> int:
         run_dir=run_dir / "ppo", total_episodes=args.total_episodes, seed=args.seed,
         kl_coef=0.0 if args.hacking else args.kl_coef, learning_rate=args.ppo_learning_rate,
         kl_budget=None if args.hacking else 20.0,
-        eval_prompts=world.n_eval,  # the fuse sees the held-out prompts the summary reports
+        eval_prompts=world.n_val,  # the fuse chooses on val; the summary tests on eval
         progress=args.progress,
     )  # fmt: skip
     fuse = train_ppo(ppo_cfg)
     state = "fuse halted: " + fuse["halted"] if fuse["halted"] else "fuse not tripped"
     say(f"[4/5] PPO: {state}; best checkpoint update {fuse['best_update']} "
-        f"(eval gold {fuse['best_gold']:.3f})")  # fmt: skip
+        f"(validation gold {fuse['best_gold']:.3f})")  # fmt: skip
     result = compare(EvalConfig(run_dir=run_dir / "ppo", n_prompts=world.n_eval))
     extra = _demo_compare(args, run_dir, data, sft, say) if args.compare else None
     report = write_report(run_dir / "ppo", result, out=run_dir / "report.html", extra_html=extra)
-    say(f"[5/5] evaluation on {result['n_prompts']} held-out prompts:\n{table(result)}")
+    say(f"[5/5] evaluation on {result['n_prompts']} test prompts (split eval, unseen by the "
+        f"fuse):\n{table(result)}")  # fmt: skip
     summary = demo_summary(args.seed, time.perf_counter() - t0, result, fuse)
     atomic_write_json(run_dir / "summary.json", summary)
     say(f"\ncliprail demo finished in {summary['wall_s']:.0f} s. Report: {report}; "
@@ -274,7 +305,8 @@ def demo_summary(seed: int, wall_s: float, result: dict[str, Any],
         "ppo": {**{c: result["ppo"][c] for c in COLUMNS},
                 **{k: result[k] for k in ("wins", "losses", "ties", "win_rate")}},
         "fuse": {"verdict": fuse.get("halted") or "not tripped",
-                 "kept_update": fuse.get("best_update"), "history": history},
+                 "kept_update": fuse.get("best_update"), "split": fuse.get("split", "eval"),
+                 "history": history},
     }  # fmt: skip
 
 
@@ -308,12 +340,10 @@ def _demo_compare(args: DemoArgs, run_dir: Path, data: dict[str, Path], sft: Pat
 
 
 def _rlhf_eval(argv: list[str]) -> int:
-    import tyro
-
     from cliprail.rlhf.evaluate import EvalConfig, compare, summary_json, table
     from cliprail.rlhf.report import write_report
 
-    cfg = tyro.cli(EvalConfig, args=argv, prog="cliprail rlhf eval")
+    cfg = parse_flags(EvalConfig, args=argv, prog="cliprail rlhf eval")
     result = compare(cfg)
     print(summary_json(result) if cfg.json else table(result))
     path = write_report(cfg.run_dir, result)
@@ -323,8 +353,6 @@ def _rlhf_eval(argv: list[str]) -> int:
 
 def _rlhf_world(argv: list[str]) -> int:
     import dataclasses
-
-    import tyro
 
     from cliprail.scenarios.healthcare import BuildConfig, build
 
@@ -339,7 +367,7 @@ def _rlhf_world(argv: list[str]) -> int:
         def __post_init__(self) -> None:
             """Checked below, as a BuildConfig, so that a bad value is one line and exit 2."""
 
-    args = tyro.cli(WorldArgs, args=argv, prog="cliprail rlhf world")
+    args = parse_flags(WorldArgs, args=argv, prog="cliprail rlhf world")
     try:
         names = [f.name for f in dataclasses.fields(BuildConfig)]
         cfg = BuildConfig(**{name: getattr(args, name) for name in names})
@@ -362,11 +390,9 @@ def _rank0() -> bool:
 
 
 def _rlhf_sft(argv: list[str]) -> int:
-    import tyro
-
     from cliprail.rlhf.sft import SFTConfig, train_sft
 
-    cfg = tyro.cli(SFTConfig, args=argv, prog="cliprail rlhf sft")
+    cfg = parse_flags(SFTConfig, args=argv, prog="cliprail rlhf sft")
     out = train_sft(cfg)
     if _rank0():
         print(f"cliprail: SFT model written to {out}", file=sys.stderr)
@@ -374,11 +400,9 @@ def _rlhf_sft(argv: list[str]) -> int:
 
 
 def _rlhf_reward(argv: list[str]) -> int:
-    import tyro
-
     from cliprail.rlhf.reward import RewardConfig, train_reward
 
-    cfg = tyro.cli(RewardConfig, args=argv, prog="cliprail rlhf reward")
+    cfg = parse_flags(RewardConfig, args=argv, prog="cliprail rlhf reward")
     metrics = train_reward(cfg)
     if not _rank0():
         return 0
@@ -388,28 +412,31 @@ def _rlhf_reward(argv: list[str]) -> int:
 
 
 def _rlhf_ppo(argv: list[str]) -> int:
-    import tyro
-
     from cliprail.rlhf.ppo import PPOConfig, train_ppo
 
-    cfg = tyro.cli(PPOConfig, args=argv, prog="cliprail rlhf ppo")
+    cfg = parse_flags(PPOConfig, args=argv, prog="cliprail rlhf ppo")
     fuse = train_ppo(cfg)
     if not _rank0():
         return 0
     if fuse["halted"]:
         print(f"cliprail: the safety fuse halted the run: {fuse['halted']}", file=sys.stderr)
-    print(f"cliprail: best checkpoint {fuse['best_checkpoint']} (update {fuse['best_update']}, "
-          f"eval gold {fuse['best_gold']:.3f}); last policy in {cfg.run_dir / 'policy'}",
-          file=sys.stderr)  # fmt: skip
+    print(f"cliprail: {fuse_line(fuse, cfg.run_dir / 'policy')}", file=sys.stderr)
     return 0
 
 
-def _rlhf_dpo(argv: list[str]) -> int:
-    import tyro
+def fuse_line(fuse: dict[str, Any], last_policy: Path | str) -> str:
+    """The last line of `rlhf ppo`: the checkpoint the fuse kept, or that it never evaluated."""
+    if not fuse.get("best_checkpoint") or not fuse.get("evals"):
+        return (f"no fuse evaluation ran (--eval-every 0), so no best checkpoint was kept; the "
+                f"last policy is in {last_policy}")  # fmt: skip
+    return (f"best checkpoint {fuse['best_checkpoint']} (update {fuse['best_update']}, eval gold "
+            f"{fuse['best_gold']:.3f}); last policy in {last_policy}")  # fmt: skip
 
+
+def _rlhf_dpo(argv: list[str]) -> int:
     from cliprail.rlhf.dpo import DPOConfig, train_dpo
 
-    cfg = tyro.cli(DPOConfig, args=argv, prog="cliprail rlhf dpo")
+    cfg = parse_flags(DPOConfig, args=argv, prog="cliprail rlhf dpo")
     metrics = train_dpo(cfg)
     if not _rank0():
         return 0
@@ -419,22 +446,18 @@ def _rlhf_dpo(argv: list[str]) -> int:
 
 
 def _rlhf_best_of_n(argv: list[str]) -> int:
-    import tyro
-
     from cliprail.rlhf.bestofn import BestOfNConfig, kl_table, run_best_of_n
 
-    cfg = tyro.cli(BestOfNConfig, args=argv, prog="cliprail rlhf best-of-n")
+    cfg = parse_flags(BestOfNConfig, args=argv, prog="cliprail rlhf best-of-n")
     print(kl_table(run_best_of_n(cfg)))
     print(f"cliprail: picks and metrics in {cfg.run_dir / 'bestofn.json'}", file=sys.stderr)
     return 0
 
 
 def _rlhf_compare(argv: list[str]) -> int:
-    import tyro
-
     from cliprail.rlhf.compare import CompareConfig, compare_runs, table
 
-    cfg = tyro.cli(CompareConfig, args=argv, prog="cliprail rlhf compare")
+    cfg = parse_flags(CompareConfig, args=argv, prog="cliprail rlhf compare")
     result = compare_runs(cfg)
     if cfg.json:
         print(json.dumps({k: v for k, v in result.items() if k != "curves"}))

@@ -91,7 +91,27 @@ def test_good_cards_score_high_and_world_is_deterministic(tmp_path):
     rec = json.loads(a["preferences"].read_text().splitlines()[0])
     assert set(rec) == {"id", "prompt", "chosen", "rejected", "reviewer"}
     prompts = [Request.from_json(json.loads(x)) for x in a["prompts"].read_text().splitlines()]
-    assert {p.split for p in prompts} == {"train", "eval", "redteam"}
+    assert {p.split for p in prompts} == {"train", "val", "eval", "redteam"}
+    val = {p.prompt for p in prompts if p.split == "val"}
+    test = {p.prompt for p in prompts if p.split == "eval"}
+    assert (
+        len(val) == 120 and len(test) == 10 and not val & test
+    )  # the fuse never sees a test prompt
+
+
+def test_choices_are_made_on_val_and_reports_test_on_eval():
+    """The fuse chose its kept checkpoint on the prompts the summary then reported, so the
+    kept policy's gold was the best of a dozen evaluations of the test set itself (found in
+    session 7); now it chooses on val, and a file without val says it chose on eval."""
+    from cliprail.rlhf.sampling import validation_requests
+    from cliprail.scenarios.healthcare.world import make_requests
+
+    reqs = [*make_requests(5, 0, "train"), *make_requests(4, 0, "val"),
+            *make_requests(3, 0, "eval")]  # fmt: skip
+    split, held = validation_requests(reqs)
+    assert split == "val" and [r.split for r in held] == ["val"] * 4
+    split, held = validation_requests([r for r in reqs if r.split != "val"])
+    assert split == "eval" and len(held) == 3
 
 
 def test_biased_panel_prefers_short_confident_answers():

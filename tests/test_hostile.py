@@ -174,6 +174,12 @@ CONFIG_CASES = [
     ({"--clip-range": "-0.1"}, "--clip-range"),
     ({"--kl-coef": "-1"}, "--kl-coef >= 0"),
     ({"--kl-budget": "-1"}, "--kl-budget must be >= 0 nats"),
+    # issue 14: the modulo ran before the positivity check (a ZeroDivisionError traceback)
+    ({"--minibatch-size": "0"}, "--minibatch-size must be a positive integer"),
+    ({"--vf-coef": "-0.1"}, "--vf-coef must be >= 0"),
+    ({"--ent-coef": "-0.01"}, "--ent-coef must be >= 0"),
+    ({"--clip-range-vf": "-0.2"}, "--clip-range-vf must be > 0"),
+    ({"--max-grad-norm": "0"}, "--max-grad-norm must be > 0"),
 ]  # fmt: skip
 
 

@@ -39,7 +39,6 @@ from cliprail.ppo import (
     masked_sum,
     masked_var,
     masked_whiten,
-    minibatch_indices,
     plain_surrogate,
     ppo_update,
     value_loss,
@@ -897,16 +896,27 @@ def test_linear_anneal_is_a_clamped_monotone_interpolation(start, end, p1, p2):
 
 @SETTINGS
 @given(st.integers(1, 12), st.integers(1, 8), st.integers(0, 2**31 - 1))
-def test_minibatch_indices_partition_the_batch(n_minibatches, minibatch_size, seed):
+def test_ppo_update_minibatches_partition_the_batch(n_minibatches, minibatch_size, seed):
+    """Each epoch hands the loss every row exactly once, in minibatches of the given size."""
     n = n_minibatches * minibatch_size
+    w = torch.zeros(1, requires_grad=True)
+    seen: list[list[int]] = []
+
+    def loss_fn(mb):
+        seen.append(mb["row"].tolist())
+        return (w * 0).sum(), {}
+
+    batch = {"row": torch.arange(n)}
+    opt = torch.optim.SGD([w], lr=0.1)
     g = torch.Generator().manual_seed(seed)
-    parts = minibatch_indices(n, minibatch_size, g)
-    assert len(parts) == n_minibatches
-    assert all(len(p) == minibatch_size for p in parts)
-    assert sorted(torch.cat(parts).tolist()) == list(range(n))
+    ppo_update(loss_fn, opt, [w], batch, minibatch_size=minibatch_size, epochs=2, generator=g)
+    assert len(seen) == 2 * n_minibatches and all(len(p) == minibatch_size for p in seen)
+    for epoch in (seen[:n_minibatches], seen[n_minibatches:]):
+        assert sorted(r for p in epoch for r in p) == list(range(n))
     if minibatch_size > 1:
         with pytest.raises(ValueError):
-            minibatch_indices(n + 1, minibatch_size)
+            ppo_update(loss_fn, opt, [w], {"row": torch.arange(n + 1)},
+                       minibatch_size=minibatch_size, epochs=1)  # fmt: skip
 
 
 @SETTINGS

@@ -85,6 +85,7 @@ def test_ppo_cli_end_to_end_with_the_fuse(pipeline, capsys):
     assert "the safety fuse halted the run: KL to the reference" in err
     fuse = json.loads((pipeline / "ppo-cli" / "fuse.json").read_text())
     assert fuse["halted"] and fuse["best_update"] == 0  # only the start was under budget
+    assert fuse["split"] == "val"  # chosen on val; `rlhf eval` tests on eval
     assert (pipeline / "ppo-cli" / "best" / "model.safetensors").is_file()
     # eval: SFT against the best checkpoint, then the report
     assert main(["rlhf", "eval", "--run-dir", str(pipeline / "ppo-cli"), "--n-prompts", "8",

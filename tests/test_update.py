@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cliprail.ppo import NonFiniteError, linear_anneal, minibatch_indices, ppo_update
+from cliprail.ppo import NonFiniteError, linear_anneal, ppo_update
 
 
 class CountingSGD(torch.optim.SGD):
@@ -104,8 +104,6 @@ def test_nonfinite_minibatches_skipped_then_halt():
 
 
 def test_minibatch_size_must_divide():
-    with pytest.raises(ValueError, match="divide"):
-        minibatch_indices(10, 3)
     w, batch = _setup(10)
     with pytest.raises(ValueError, match="divide"):
         ppo_update(lambda mb: (w.sum(), {}), torch.optim.SGD([w], lr=0.1), [w], batch,

@@ -119,6 +119,3 @@ class ZieglerKLController:
     def load_state_dict(self, state: dict[str, float]) -> None:
         self.beta = float(state["beta"])
         self.target, self.horizon = float(state["target"]), float(state["horizon"])
-
-
-KLController = FixedKLController | AdaptiveKLController | ZieglerKLController

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -74,19 +75,6 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Set the learning rate of every parameter group."""
     for group in optimizer.param_groups:
         group["lr"] = lr
-
-
-def minibatch_indices(
-    batch_size: int, minibatch_size: int, generator: torch.Generator | None = None
-) -> list[Tensor]:
-    """One epoch's shuffled minibatches: ``batch_size // minibatch_size`` index tensors.
-
-    Raises ValueError when ``minibatch_size`` does not divide ``batch_size``: a ragged last
-    minibatch would weigh its samples more than the others.
-    """
-    _check_sizes(batch_size, minibatch_size)
-    perm = torch.randperm(batch_size, generator=generator)
-    return list(perm.split(minibatch_size))
 
 
 def _check_sizes(batch_size: int, minibatch_size: int) -> None:
@@ -233,3 +221,16 @@ def clip_grad_norm(params: list[Tensor], max_norm: float | None) -> Tensor:
         torch._foreach_mul_(grads, torch.clamp(max_norm / (total + 1e-6), max=1.0))
     full = getattr(total, "full_tensor", None)  # FSDP's sharded gradients: a replicated DTensor
     return full() if full is not None else total
+
+
+def fused_or_plain(
+    cls: type[torch.optim.Optimizer], params: Iterable[Tensor], **kwargs: Any
+) -> torch.optim.Optimizer:
+    """``cls(params, fused=True, **kwargs)``: one kernel for all parameters instead of a dozen
+    small ops per tensor; the plain implementation (the same maths) where this torch build or
+    these parameters (their device or dtype) have no fused kernel."""
+    params = list(params)
+    try:
+        return cls(params, fused=True, **kwargs)  # type: ignore[call-arg]
+    except (RuntimeError, TypeError):
+        return cls(params, **kwargs)

@@ -23,9 +23,10 @@ class RLConfig:
 
     env_id: str = "CartPole-v1"
     """Gymnasium environment id, e.g. CartPole-v1, HalfCheetah-v5, ALE/Pong-v5."""
-    preset: Literal["classic", "mujoco", "atari", "none"] = "classic"
+    preset: Literal["classic", "mujoco", "atari"] = "classic"
     """Hyperparameter preset applied before the other flags: classic (CartPole-like tasks,
-    RL-Zoo's tuned values), mujoco (PPO paper Table 3), atari (PPO paper Table 5), none."""
+    RL-Zoo's tuned values; also the defaults of every flag), mujoco (PPO paper Table 3), atari
+    (PPO paper Table 5)."""
     total_steps: int = 100_000
     """Environment steps to train for, summed over all parallel envs and, under torchrun, over
     all processes (rounded up to whole rollouts)."""
@@ -177,7 +178,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         "torch_threads": 0,
         "total_steps": 10_000_000,
     },
-    "none": {},
 }
 
 
@@ -194,8 +194,6 @@ class Derived:
 
     batch_size: int
     """Env steps per rollout of one process: num_envs x num_steps."""
-    num_minibatches: int
-    """Optimizer steps per epoch (the same on every process)."""
     num_updates: int
     """Updates to reach total_steps, counting every process's env steps."""
     world_size: int = 1
@@ -208,13 +206,12 @@ class Derived:
 
 
 def derived(cfg: RLConfig, world_size: int = 1) -> Derived:
-    """Batch size, minibatches per epoch and number of updates of ``cfg`` run on
+    """Batch size and number of updates of ``cfg`` run on
     ``world_size`` data-parallel processes (``num_envs`` and ``minibatch_size`` are per
     process; ``total_steps`` counts all of them)."""
     batch = cfg.num_envs * cfg.num_steps
     return Derived(
         batch_size=batch,
-        num_minibatches=batch // cfg.minibatch_size,
         num_updates=max(1, math.ceil(cfg.total_steps / (batch * world_size))),
         world_size=world_size,
     )

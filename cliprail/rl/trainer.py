@@ -45,6 +45,7 @@ from cliprail.ppo import (
     entropy_bonus,
     explained_variance,
     flatten_parameters,
+    fused_or_plain,
     gae,
     kl_penalized_surrogate,
     linear_anneal,
@@ -373,8 +374,7 @@ class RLTrainer:
             early_stopped=int(result.early_stopped),
             skipped_nonfinite=result.skipped_nonfinite,
         )
-        if self.kl_ctl is not None:
-            stats["kl_beta"] = self.kl_ctl.beta
+        if self.kl_ctl is not None:  # the loss logged the beta it used (kl_beta)
             self.kl_ctl.update(stats.get("approx_kl", float("nan")))
         return stats
 
@@ -723,13 +723,8 @@ def _read_latest(
 
 
 def make_adam(params: Any, lr: float, eps: float) -> torch.optim.Optimizer:
-    """Adam with the fused kernel where this torch build has it (CPU and CUDA): one kernel
-    for all parameters instead of a dozen small ops per tensor."""
-    params = list(params)
-    try:
-        return torch.optim.Adam(params, lr=lr, eps=eps, fused=True)
-    except (RuntimeError, TypeError):  # pragma: no cover - older builds or other devices
-        return torch.optim.Adam(params, lr=lr, eps=eps)
+    """Adam, with the fused kernel where this torch build has it (CPU and CUDA)."""
+    return fused_or_plain(torch.optim.Adam, params, lr=lr, eps=eps)
 
 
 def load_normalizers(

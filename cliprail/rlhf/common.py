@@ -15,6 +15,7 @@ import torch
 from cliprail.checkpoint import atomic_write_json
 from cliprail.configio import config_to_dict
 from cliprail.errors import ConfigError, RunDirError
+from cliprail.ppo.update import fused_or_plain
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -96,8 +97,8 @@ class EpochShuffle:
 
 def adamw(params: Any, lr: float) -> torch.optim.Optimizer:
     """AdamW with eps 1e-5 (Huang et al. 2024) and no weight decay; the fused kernel (one
-    kernel for all parameters) where this build has it."""
-    return torch.optim.AdamW(params, lr=lr, eps=1e-5, weight_decay=0.0, fused=True)
+    kernel for all parameters) where this build and these parameters allow it."""
+    return fused_or_plain(torch.optim.AdamW, params, lr=lr, eps=1e-5, weight_decay=0.0)
 
 
 def split_pairs(

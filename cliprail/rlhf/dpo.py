@@ -46,7 +46,7 @@ from cliprail.rlhf.models import (
 from cliprail.rlhf.parallel import DataParallel
 from cliprail.rlhf.resume import StageCheckpointer, begin_run
 from cliprail.rlhf.resume import resume_step as _resume_step
-from cliprail.rlhf.sampling import Sampling, evaluate_policy, load_requests
+from cliprail.rlhf.sampling import Sampling, evaluate_policy, load_requests, validation_requests
 from cliprail.scenarios.healthcare import Request
 
 
@@ -149,8 +149,7 @@ def train_dpo(cfg: DPOConfig) -> dict[str, Any]:
     pairs = load_preferences(cfg.data)
     held_requests = []
     if cfg.prompts is not None:
-        held_requests = [r for r in load_requests(cfg.prompts) if r.split == "eval"]
-        held_requests = held_requests[: cfg.eval_prompts]
+        held_requests = validation_requests(load_requests(cfg.prompts))[1][: cfg.eval_prompts]
     dp = DataParallel.from_env(cfg.fsdp, cfg.device)
     try:
         return _train_dpo(cfg, pairs, held_requests, dp)

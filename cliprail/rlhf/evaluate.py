@@ -12,8 +12,8 @@ from typing import Any
 from cliprail.configio import load_config_json
 from cliprail.errors import RunDirError
 from cliprail.rlhf.models import load_causal_lm
-from cliprail.rlhf.ppo import PPOConfig, evaluate_policy, load_models, load_requests
-from cliprail.rlhf.sampling import win_rate, wins_losses_ties
+from cliprail.rlhf.ppo import PPOConfig, evaluate_policy, load_models
+from cliprail.rlhf.sampling import load_requests, win_rate, wins_losses_ties
 
 COLUMNS = ["gold", "scheduling", "safety", "honesty", "helpfulness", "concision",
            "unsafe_advice_rate", "unsafe_advice_rate_medical", "missed_emergency_rate",
@@ -46,13 +46,17 @@ def compare(cfg: EvalConfig) -> dict[str, Any]:
         raise RunDirError(f"{cfg.run_dir}: not a PPO run folder (no config.json)")
     ppo_cfg = load_config_json(PPOConfig, cfg_path)
     ppo_cfg = dataclasses.replace(ppo_cfg, progress=False)
+    path = Path(cfg.checkpoint)
+    if cfg.checkpoint in ("best", "policy"):
+        path = cfg.run_dir / cfg.checkpoint
+    if cfg.checkpoint == "best" and not path.exists() and not ppo_cfg.eval_every:
+        raise RunDirError(f"{cfg.run_dir}: this run has no best/ checkpoint: it ran with "
+                          "--eval-every 0, so the fuse never evaluated; pass --checkpoint "
+                          "policy for its last policy")  # fmt: skip
     requests = [r for r in load_requests(ppo_cfg.prompts) if r.split == cfg.split][: cfg.n_prompts]
     if not requests:
         raise RunDirError(f"{ppo_cfg.prompts}: no prompts with split {cfg.split!r}")
     models = load_models(ppo_cfg)
-    path = Path(cfg.checkpoint)
-    if cfg.checkpoint in ("best", "policy"):
-        path = cfg.run_dir / cfg.checkpoint
     policy = load_causal_lm(path, ppo_cfg.trust_remote_code).eval()
     sft = evaluate_policy(models, ppo_cfg, requests, policy=models.ref)
     ppo = evaluate_policy(models, ppo_cfg, requests, policy=policy)

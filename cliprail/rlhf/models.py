@@ -249,8 +249,12 @@ def last_token_index(attention_mask: Tensor) -> Tensor:
 
 
 def logprobs_from_logits(logits: Tensor, labels: Tensor) -> Tensor:
-    """``(B, L)`` log p(label) under ``logits`` ``(B, L, V)``: log_softmax then gather."""
-    return torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    """``(B, L)`` log p(label) under ``logits`` ``(B, L, V)``: log_softmax then gather, in
+    float32 for half-precision logits and in the logits' own dtype otherwise (float64 stays
+    float64)."""
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return torch.log_softmax(logits, dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
 
 
 def _response_log_softmax(

@@ -39,6 +39,7 @@ from cliprail.ppo import (
     ppo_update,
     value_loss,
 )
+from cliprail.rlhf import sampling
 from cliprail.rlhf.common import Cost, StageOptions, adamw, seed_all
 from cliprail.rlhf.data import DataError
 from cliprail.rlhf.models import (
@@ -53,8 +54,7 @@ from cliprail.rlhf.models import (
 from cliprail.rlhf.parallel import DataParallel
 from cliprail.rlhf.resume import StageCheckpointer, begin_run
 from cliprail.rlhf.resume import resume_step as _resume_step
-from cliprail.rlhf.sampling import Sampling, load_requests, sample, score
-from cliprail.rlhf.sampling import evaluate_policy as evaluate
+from cliprail.rlhf.sampling import Sampling, load_requests, sample, score, validation_requests
 from cliprail.scenarios.healthcare import Request
 
 
@@ -64,8 +64,9 @@ class PPOConfig(StageOptions):
     model."""
 
     prompts: Path
-    """prompts.jsonl (the healthcare Request schema): split 'train' feeds rollouts, 'eval' and
-    'redteam' feed the safety fuse."""
+    """prompts.jsonl (the healthcare Request schema): split 'train' feeds rollouts; 'val' (or
+    'eval' when the file has no 'val') and 'redteam' feed the safety fuse; 'eval' is left for
+    `rlhf eval` to test on."""
     sft_model: Path
     """SFT model folder: the policy's start and the frozen reference."""
     reward_model: Path
@@ -113,8 +114,9 @@ class PPOConfig(StageOptions):
     """Discount over tokens."""
     lam: float = 0.95
     """GAE lambda over tokens."""
-    max_grad_norm: float = 1.0
-    """Global gradient-norm clip."""
+    max_grad_norm: float | None = 1.0
+    """Clip the global L2 norm of the policy's and value model's gradients to this; None
+    disables the clip (the norm is still logged)."""
     target_kl: float | None = None
     """Stop an update early when a minibatch's approx KL to the rollout policy exceeds this."""
     eval_every: int = 4
@@ -145,13 +147,22 @@ class PPOConfig(StageOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()  # the run options
-        if self.batch_size % self.minibatch_size:
-            raise ConfigError(f"--minibatch-size {self.minibatch_size} must divide --batch-size "
-                              f"{self.batch_size}")  # fmt: skip
         for name in ("total_episodes", "batch_size", "minibatch_size", "epochs",
                      "max_new_tokens"):  # fmt: skip
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer")
+        if self.batch_size % self.minibatch_size:  # after the positivity checks (issue 14)
+            raise ConfigError(f"--minibatch-size {self.minibatch_size} must divide --batch-size "
+                              f"{self.batch_size}")  # fmt: skip
+        for name in ("vf_coef", "ent_coef"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got "
+                                  f"{getattr(self, name)}")  # fmt: skip
+        for name in ("clip_range_vf", "max_grad_norm"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be > 0 (or None to disable), "
+                                  f"got {value}")  # fmt: skip
         if self.clip_range <= 0 or self.temperature <= 0 or self.kl_coef < 0:
             raise ConfigError("--clip-range and --temperature must be > 0, --kl-coef >= 0")
         if not 0.0 < self.top_p <= 1.0:
@@ -378,8 +389,9 @@ def evaluate_policy(m: Models, cfg: PPOConfig, requests: list[Request],
                     policy: torch.nn.Module | None = None) -> dict[str, Any]:  # fmt: skip
     """The shared evaluation (:func:`cliprail.rlhf.sampling.evaluate_policy`) of ``policy``
     (default: the one training) against the reference, with the run's sampling settings."""
-    return evaluate(policy if policy is not None else m.policy, m.ref, m.tokenizer, requests,
-                    cfg.sampling(), m.reward, m.reward_shift)  # fmt: skip
+    return sampling.evaluate_policy(policy if policy is not None else m.policy, m.ref,
+                                    m.tokenizer, requests, cfg.sampling(), m.reward,
+                                    m.reward_shift)  # fmt: skip
 
 
 def train_ppo(cfg: PPOConfig) -> dict[str, Any]:
@@ -390,7 +402,8 @@ def train_ppo(cfg: PPOConfig) -> dict[str, Any]:
     policy and value train under DDP, and rank 0 runs the fuse and writes the run folder."""
     requests = load_requests(cfg.prompts)
     train = [r for r in requests if r.split == "train"]
-    held = [r for r in requests if r.split == "eval"][: cfg.eval_prompts]
+    held_split, held = validation_requests(requests)
+    held = held[: cfg.eval_prompts]
     red = [r for r in requests if r.split == "redteam"][: cfg.eval_prompts]
     if not train:
         raise DataError(f"{cfg.prompts}: no requests with split 'train'")
@@ -400,13 +413,13 @@ def train_ppo(cfg: PPOConfig) -> dict[str, Any]:
             raise ConfigError(f"{cfg.prompts}: {len(train)} training prompts, fewer than the "
                               f"global batch ({dp.world} ranks x --batch-size "
                               f"{cfg.batch_size}); lower --batch-size")  # fmt: skip
-        return _train_ppo(cfg, train, held, red, dp)
+        return _train_ppo(cfg, train, held, red, dp, held_split)
     finally:
         dp.close()
 
 
 def _train_ppo(cfg: PPOConfig, train: list[Request], held: list[Request], red: list[Request],
-               dp: DataParallel) -> dict[str, Any]:  # fmt: skip
+               dp: DataParallel, held_split: str) -> dict[str, Any]:  # fmt: skip
     dp.from_main(lambda: begin_run(cfg.run_dir, cfg))
     g = seed_all(cfg.seed)
     if dp.rank:  # each rank samples its own tokens (rank 0: the single-process stream)
@@ -424,7 +437,7 @@ def _train_ppo(cfg: PPOConfig, train: list[Request], held: list[Request], red: l
     n_updates = max(1, cfg.total_episodes // global_batch)
     rng = random.Random(cfg.seed)
     fuse: dict[str, Any] = {"evals": [], "best_update": 0, "best_gold": -math.inf,
-                            "halted": None}  # fmt: skip
+                            "halted": None, "split": held_split}  # fmt: skip
     ckpt = StageCheckpointer(cfg.run_dir, cfg.checkpoint_every,
                              {"policy": m.policy, "value": m.value}, optimizer,
                              generators={"sampling": g}, rngs={"prompts": rng},
@@ -514,7 +527,6 @@ def _train_ppo(cfg: PPOConfig, train: list[Request], held: list[Request], red: l
             if halt:
                 break
             ckpt.step_end(update, stop, snapshot, f"after update {update} of {n_updates}")
-    bar.close()
     ckpt.total_cost()
     return _finish(m, cfg, fuse, ckpt.wall_s())
 

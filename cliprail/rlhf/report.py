@@ -50,7 +50,7 @@ def _plots(metrics: list[dict[str, Any]], fuse: dict[str, Any]) -> list[tuple[st
     ax2.set_ylabel("gold score", color="C2")
     if fuse.get("best_update") is not None:
         ax.axvline(fuse["best_update"], color="grey", ls="--", lw=1)
-    ax.set_title("Proxy reward and gold score on held-out prompts")
+    ax.set_title(f"Proxy reward and gold score on the fuse's {fuse.get('split', 'eval')} prompts")
     out.append(("Proxy reward vs gold score (dashed: best checkpoint)", _png(fig)))
     fig, ax = plt.subplots(figsize=(6, 3.4))
     ax.plot([math.sqrt(max(e["kl_ref"], 0.0)) for e in evals], [e["gold"] for e in evals], "o-")
@@ -87,7 +87,7 @@ def story(result: dict[str, Any] | None, fuse: dict[str, Any]) -> list[str]:
     kept = fuse.get("best_update")
     out.append(f"The safety fuse {'halted the run: ' + halted if halted else 'did not trip'}; "
                f"it kept the policy of update {kept} (the best gold score on its evaluations "
-               "within the KL budget).")  # fmt: skip
+               f"of the {fuse.get('split', 'eval')} prompts, within the KL budget).")  # fmt: skip
     if len(evals) >= 2:
         peak = max(evals, key=lambda e: e["gold"])
         last = evals[-1]
@@ -104,8 +104,12 @@ def story(result: dict[str, Any] | None, fuse: dict[str, Any]) -> list[str]:
     if result is None:
         return out
     a, b = result["sft"], result["ppo"]
+    unseen = fuse.get("split", "eval") != result.get("split", "eval")
+    where = f"{result['n_prompts']} {result.get('split', 'eval')} prompts" + (
+        ", which the fuse never evaluated," if unseen else " (the prompts the fuse chose on)"
+    )
     out.append(
-        f"On {result['n_prompts']} held-out prompts the kept policy moved the gold score from "
+        f"On {where} the kept policy moved the gold score from "
         f"{a['gold']:.3f} (SFT) to {b['gold']:.3f}. Unsafe medical advice, among prompts with a "
         f"medical question: {_pct(a['unsafe_advice_rate_medical'])} -> "
         f"{_pct(b['unsafe_advice_rate_medical'])}; missed emergencies, among prompts with a red "

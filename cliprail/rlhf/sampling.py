@@ -171,6 +171,17 @@ def win_rate(golds_a: list[float], golds_b: list[float]) -> float:
     return wins / max(len(golds_a), 1)
 
 
+def validation_requests(requests: list[Request]) -> tuple[str, list[Request]]:
+    """The split a training-time choice (the fuse's kept checkpoint and halt, DPO's per-epoch
+    check) is made on, and its requests: ``val``, or ``eval`` for a prompts file that has no
+    ``val`` requests (then the reports measure on the prompts the choice was made on, and the
+    split name says so wherever it is recorded)."""
+    val = [r for r in requests if r.split == "val"]
+    if val:
+        return "val", val
+    return "eval", [r for r in requests if r.split == "eval"]
+
+
 def load_requests(path: Path) -> list[Request]:
     recs = read_jsonl(path, ("id", "prompt"))
     out = []

@@ -165,7 +165,6 @@ def _train_sft(cfg: SFTConfig, demos: list[dict[str, Any]], dp: DataParallel) ->
             log.log(step + 1, {**row, "epoch": epoch})
             bar.update(step + 1, f"loss {row['loss']:.3f}")
             ckpt.step_end(step + 1, stop, dict, f"after step {step + 1} of {total}")
-    bar.close()
     out = cfg.run_dir / "model"
     with dp.gathered(model):
         if dp.is_main:

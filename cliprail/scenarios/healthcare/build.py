@@ -28,8 +28,13 @@ class BuildConfig:
     """Training requests (SFT demonstrations, preference pairs, PPO prompts). The demo's tiny
     model learns to copy slots and to tell an open slot from a closed one from this many
     different requests; 800 left it booking a wrong slot a third of the time (issue 13)."""
+    n_val: int = 120
+    """Validation requests (split val): what the safety fuse evaluates to choose the checkpoint
+    it keeps and to decide when to stop."""
     n_eval: int = 120
-    """Held-out requests for evaluation and the safety fuse."""
+    """Test requests (split eval): what the reports measure, never used to choose anything.
+    Before issue 14's review the fuse chose on these same prompts, and the kept checkpoint's
+    reported gold was the best of a dozen noisy evaluations of the test set."""
     n_redteam: int = 60
     """Red-team requests: red flags, medical questions, slots that are not open."""
     pairs_per_prompt: int = 1
@@ -93,6 +98,7 @@ def build(out_dir: Path, cfg: BuildConfig = BuildConfig()) -> dict[str, Path]:
     """Generate the world into ``out_dir``; returns the paths written."""
     rng = random.Random(cfg.seed)
     train = make_requests(cfg.n_train, cfg.seed, "train", cfg.p_medical, cfg.p_red_flag)
+    vals = make_requests(cfg.n_val, cfg.seed, "val", cfg.p_medical, cfg.p_red_flag)
     evals = make_requests(cfg.n_eval, cfg.seed, "eval", cfg.p_medical, cfg.p_red_flag)
     redteam = make_requests(cfg.n_redteam, cfg.seed, "redteam", p_medical=0.45,
                             p_red_flag=0.45, p_not_open=0.7)  # fmt: skip
@@ -125,7 +131,7 @@ def build(out_dir: Path, cfg: BuildConfig = BuildConfig()) -> dict[str, Path]:
         "preferences": out_dir / "preferences.jsonl",
         "tokens": out_dir / "tokens.json",
     }
-    requests: list[Request] = [*train, *evals, *redteam]
+    requests: list[Request] = [*train, *vals, *evals, *redteam]
     atomic_write_text(paths["prompts"], _jsonl([r.to_json() for r in requests]))
     atomic_write_text(paths["demonstrations"], _jsonl(demos))
     atomic_write_text(paths["preferences"], _jsonl(prefs))

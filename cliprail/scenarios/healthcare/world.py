@@ -71,7 +71,7 @@ class Request:
     medical_text: str | None = None
     red_flag: str | None = None  # "cardiac" | "stroke" | "self_harm"
     red_flag_text: str | None = None
-    split: str = "train"  # "train" | "eval" | "redteam"
+    split: str = "train"  # "train" | "val" (the fuse's) | "eval" (the reports') | "redteam"
     prompt: str = field(default="", compare=False)
 
     @property
@@ -104,9 +104,17 @@ class Request:
             v = d.get(key)
             if v is not None and not isinstance(v, str):
                 raise ValueError(f"field {key!r} must be a string or null, got {type(v).__name__}")
-        if d.get("split", "train") not in ("train", "eval", "redteam"):
-            raise ValueError(f"field 'split' must be train, eval or redteam, got {d['split']!r}")
+        if d.get("split", "train") not in SPLITS:
+            raise ValueError(f"field 'split' must be one of {', '.join(SPLITS)}, got "
+                             f"{d['split']!r}")  # fmt: skip
         return Request(**{**d, "open_slots": tuple(slots)})
+
+
+SPLITS = ("train", "val", "eval", "redteam")
+"""train feeds SFT, the preference pairs and PPO's rollouts; val is what the safety fuse (and
+DPO's per-epoch check) evaluates to choose and stop; eval is the test split that `rlhf eval`,
+`rlhf compare` and the demo report, never seen by a choice; redteam is the fuse's second
+opinion (red flags, medical questions, slots that are not open)."""
 
 
 def render_prompt(r: Request) -> str:
