@@ -151,9 +151,10 @@ def save_checkpoint(
 
 def _prune(ckpt_root: Path, keep_last: int, protect: str) -> None:
     olds = sorted(
-        p for p in ckpt_root.iterdir()
+        p
+        for p in ckpt_root.iterdir()
         if p.is_dir() and not p.name.startswith(".") and p.name != protect
-    )  # fmt: skip
+    )
     for p in olds[: max(0, len(olds) - (keep_last - 1))]:
         shutil.rmtree(p, ignore_errors=True)
 

@@ -157,10 +157,13 @@ def _rl_train(argv: list[str]) -> int:
             f"--preset: unknown preset {known.preset!r}; expected one of {sorted(PRESETS)}"
         )
     cfg = parse_flags(
-        RLConfig, args=argv, default=preset_config(known.preset), prog="cliprail rl train",
+        RLConfig,
+        args=argv,
+        default=preset_config(known.preset),
+        prog="cliprail rl train",
         description="Train PPO on a Gymnasium environment. --preset applies the paper's "
         "hyperparameters first; every other flag overrides them.",
-    )  # fmt: skip
+    )
     trainer = RLTrainer(cfg)
     if trainer.is_main:  # under torchrun, rank 0 speaks for all
         print(f"cliprail: run folder {trainer.run_dir}", file=sys.stderr)
@@ -179,7 +182,7 @@ def _rl_train(argv: list[str]) -> int:
 
 
 def _rl_eval(argv: list[str]) -> int:
-    from cliprail.rl.trainer import evaluate
+    from cliprail.rl.evaluate import evaluate
 
     args = parse_flags(EvalArgs, args=argv, prog="cliprail rl eval")
     result = evaluate(args.run_dir, args.episodes, not args.stochastic, args.seed)
@@ -206,12 +209,17 @@ def _demo(argv: list[str]) -> int:
 
 def _demo_cartpole(args: DemoArgs, run_dir: Path) -> int:
     from cliprail.rl.config import preset_config
-    from cliprail.rl.trainer import RLTrainer, evaluate
+    from cliprail.rl.evaluate import evaluate
+    from cliprail.rl.trainer import RLTrainer
 
     cfg = preset_config(
-        "classic", env_id="CartPole-v1", total_steps=args.total_steps, seed=args.seed + 1,
-        run_dir=run_dir, progress=args.progress,
-    )  # fmt: skip
+        "classic",
+        env_id="CartPole-v1",
+        total_steps=args.total_steps,
+        seed=args.seed + 1,
+        run_dir=run_dir,
+        progress=args.progress,
+    )
     t0 = time.perf_counter()
     RLTrainer(cfg).train()
     train_s = time.perf_counter() - t0
@@ -246,76 +254,120 @@ def _demo_rlhf(args: DemoArgs, run_dir: Path) -> int:
     say = _stderr if args.json else print  # --json: stdout carries the summary alone
     bias = 6.0 if args.hacking else 1.0
     say(f"cliprail demo: healthcare scheduling assistant, run folder {run_dir}")
-    sizes = {k: v for k, v in (("n_train", args.n_train), ("n_val", args.n_eval),
-                               ("n_eval", args.n_eval)) if v}  # fmt: skip
+    sizes = {
+        k: v
+        for k, v in (("n_train", args.n_train), ("n_val", args.n_eval), ("n_eval", args.n_eval))
+        if v
+    }
     world = BuildConfig(seed=args.seed, reviewer_bias=bias, **sizes)
     data = build(run_dir / "data", world)
     say(f"[1/5] world: {data['prompts'].parent} (reviewer bias {bias})")
-    sft = train_sft(SFTConfig(data=data["demonstrations"], run_dir=run_dir / "sft",
-                              epochs=args.sft_epochs, learning_rate=args.sft_learning_rate,
-                              extra_tokens=data["tokens"], seed=args.seed,
-                              progress=args.progress))  # fmt: skip
+    sft = train_sft(
+        SFTConfig(
+            data=data["demonstrations"],
+            run_dir=run_dir / "sft",
+            epochs=args.sft_epochs,
+            learning_rate=args.sft_learning_rate,
+            extra_tokens=data["tokens"],
+            seed=args.seed,
+            progress=args.progress,
+        )
+    )
     say(f"[2/5] SFT model: {sft}")
-    rm = train_reward(RewardConfig(data=data["preferences"], sft_model=sft, run_dir=run_dir / "rm",
-                                   demonstrations=data["demonstrations"], seed=args.seed,
-                                   progress=args.progress))  # fmt: skip
+    rm = train_reward(
+        RewardConfig(
+            data=data["preferences"],
+            sft_model=sft,
+            run_dir=run_dir / "rm",
+            demonstrations=data["demonstrations"],
+            seed=args.seed,
+            progress=args.progress,
+        )
+    )
     say(f"[3/5] reward model: held-out pairwise accuracy {rm['heldout_accuracy']:.3f}")
     ppo_cfg = PPOConfig(
-        prompts=data["prompts"], sft_model=sft, reward_model=run_dir / "rm" / "model",
-        run_dir=run_dir / "ppo", total_episodes=args.total_episodes, seed=args.seed,
-        kl_coef=0.0 if args.hacking else args.kl_coef, learning_rate=args.ppo_learning_rate,
+        prompts=data["prompts"],
+        sft_model=sft,
+        reward_model=run_dir / "rm" / "model",
+        run_dir=run_dir / "ppo",
+        total_episodes=args.total_episodes,
+        seed=args.seed,
+        kl_coef=0.0 if args.hacking else args.kl_coef,
+        learning_rate=args.ppo_learning_rate,
         kl_budget=None if args.hacking else 20.0,
         eval_prompts=world.n_val,  # the fuse chooses on val; the summary tests on eval
         progress=args.progress,
-    )  # fmt: skip
+    )
     fuse = train_ppo(ppo_cfg)
     state = "fuse halted: " + fuse["halted"] if fuse["halted"] else "fuse not tripped"
-    say(f"[4/5] PPO: {state}; best checkpoint update {fuse['best_update']} "
-        f"(validation gold {fuse['best_gold']:.3f})")  # fmt: skip
+    say(
+        f"[4/5] PPO: {state}; best checkpoint update {fuse['best_update']} "
+        f"(validation gold {fuse['best_gold']:.3f})"
+    )
     result = compare(EvalConfig(run_dir=run_dir / "ppo", n_prompts=world.n_eval))
     extra = _demo_compare(args, run_dir, data, sft, say) if args.compare else None
     report = write_report(run_dir / "ppo", result, out=run_dir / "report.html", extra_html=extra)
-    say(f"[5/5] evaluation on {result['n_prompts']} test prompts (split eval, unseen by the "
-        f"fuse):\n{table(result)}")  # fmt: skip
+    say(
+        f"[5/5] evaluation on {result['n_prompts']} test prompts (split eval, unseen by the "
+        f"fuse):\n{table(result)}"
+    )
     summary = demo_summary(args.seed, time.perf_counter() - t0, result, fuse)
     atomic_write_json(run_dir / "summary.json", summary)
-    say(f"\ncliprail demo finished in {summary['wall_s']:.0f} s. Report: {report}; "
-        f"summary: {run_dir / 'summary.json'}")  # fmt: skip
+    say(
+        f"\ncliprail demo finished in {summary['wall_s']:.0f} s. Report: {report}; "
+        f"summary: {run_dir / 'summary.json'}"
+    )
     if args.json:
         print(json.dumps(summary))
     return 0
 
 
-def demo_summary(seed: int, wall_s: float, result: dict[str, Any],
-                 fuse: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+def demo_summary(
+    seed: int, wall_s: float, result: dict[str, Any], fuse: dict[str, Any]
+) -> dict[str, Any]:
     """``summary.json``: the seed, the wall time, SFT's and the kept PPO policy's metrics on the
     held-out prompts (the keys of ``rlhf eval --json``; PPO's also wins, losses and ties against
     SFT, prompt by prompt) and the fuse's verdict, kept update and history."""
     from cliprail.rlhf.evaluate import COLUMNS
 
     history = [
-        {"update": e["update"], "gold": e["gold"], "proxy": e["proxy_reward"], "kl": e["kl_ref"],
-         **{k: v for k, v in e.items() if k not in ("update", "gold", "proxy_reward", "kl_ref")}}
+        {
+            "update": e["update"],
+            "gold": e["gold"],
+            "proxy": e["proxy_reward"],
+            "kl": e["kl_ref"],
+            **{k: v for k, v in e.items() if k not in ("update", "gold", "proxy_reward", "kl_ref")},
+        }
         for e in fuse.get("evals", [])
-    ]  # fmt: skip
+    ]
     return {
         "seed": seed,
         "wall_s": round(wall_s, 1),
         "sft": {c: result["sft"][c] for c in COLUMNS},
-        "ppo": {**{c: result["ppo"][c] for c in COLUMNS},
-                **{k: result[k] for k in ("wins", "losses", "ties", "win_rate")}},
-        "fuse": {"verdict": fuse.get("halted") or "not tripped",
-                 "kept_update": fuse.get("best_update"), "split": fuse.get("split", "eval"),
-                 "history": history},
-    }  # fmt: skip
+        "ppo": {
+            **{c: result["ppo"][c] for c in COLUMNS},
+            **{k: result[k] for k in ("wins", "losses", "ties", "win_rate")},
+        },
+        "fuse": {
+            "verdict": fuse.get("halted") or "not tripped",
+            "kept_update": fuse.get("best_update"),
+            "split": fuse.get("split", "eval"),
+            "history": history,
+        },
+    }
 
 
 def _stderr(*parts: object) -> None:
     print(*parts, file=sys.stderr)
 
 
-def _demo_compare(args: DemoArgs, run_dir: Path, data: dict[str, Path], sft: Path,
-                  say: Callable[..., None] = print) -> str:  # fmt: skip
+def _demo_compare(
+    args: DemoArgs,
+    run_dir: Path,
+    data: dict[str, Path],
+    sft: Path,
+    say: Callable[..., None] = print,
+) -> str:
     """DPO and best-of-n beside PPO and SFT; returns the report's HTML section."""
     from cliprail.rlhf.bestofn import BestOfNConfig, kl_table, run_best_of_n
     from cliprail.rlhf.compare import CompareConfig, compare_runs, html_section, plot
@@ -323,18 +375,35 @@ def _demo_compare(args: DemoArgs, run_dir: Path, data: dict[str, Path], sft: Pat
     from cliprail.rlhf.dpo import DPOConfig, train_dpo
 
     rm = run_dir / "rm" / "model"
-    dpo = train_dpo(DPOConfig(data=data["preferences"], sft_model=sft, run_dir=run_dir / "dpo",
-                              prompts=data["prompts"], reward_model=rm, seed=args.seed,
-                              progress=args.progress))  # fmt: skip
-    say(f"[compare] DPO: held-out implicit-reward accuracy "
-          f"{dpo['heldout_implicit_accuracy']:.3f}")  # fmt: skip
-    bon = run_best_of_n(BestOfNConfig(prompts=data["prompts"], sft_model=sft, reward_model=rm,
-                                      run_dir=run_dir / "best-of-n", seed=args.seed,
-                                      progress=args.progress))  # fmt: skip
+    dpo = train_dpo(
+        DPOConfig(
+            data=data["preferences"],
+            sft_model=sft,
+            run_dir=run_dir / "dpo",
+            prompts=data["prompts"],
+            reward_model=rm,
+            seed=args.seed,
+            progress=args.progress,
+        )
+    )
+    say(f"[compare] DPO: held-out implicit-reward accuracy {dpo['heldout_implicit_accuracy']:.3f}")
+    bon = run_best_of_n(
+        BestOfNConfig(
+            prompts=data["prompts"],
+            sft_model=sft,
+            reward_model=rm,
+            run_dir=run_dir / "best-of-n",
+            seed=args.seed,
+            progress=args.progress,
+        )
+    )
     say(f"[compare] best-of-n, KL analytic and estimated:\n{kl_table(bon)}")
-    result = compare_runs(CompareConfig(runs=(run_dir / "sft", run_dir / "ppo", run_dir / "dpo",
-                                              run_dir / "best-of-n"),
-                                        out=run_dir / "compare"))  # fmt: skip
+    result = compare_runs(
+        CompareConfig(
+            runs=(run_dir / "sft", run_dir / "ppo", run_dir / "dpo", run_dir / "best-of-n"),
+            out=run_dir / "compare",
+        )
+    )
     say(f"[compare] on {result['n_prompts']} held-out prompts:\n{compare_table(result)}")
     return html_section(result, plot(result))
 
@@ -406,8 +475,11 @@ def _rlhf_reward(argv: list[str]) -> int:
     metrics = train_reward(cfg)
     if not _rank0():
         return 0
-    print(f"cliprail: reward model in {cfg.run_dir / 'model'}; held-out pairwise accuracy "
-          f"{metrics['heldout_accuracy']:.3f}", file=sys.stderr)  # fmt: skip
+    print(
+        f"cliprail: reward model in {cfg.run_dir / 'model'}; held-out pairwise accuracy "
+        f"{metrics['heldout_accuracy']:.3f}",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -427,10 +499,14 @@ def _rlhf_ppo(argv: list[str]) -> int:
 def fuse_line(fuse: dict[str, Any], last_policy: Path | str) -> str:
     """The last line of `rlhf ppo`: the checkpoint the fuse kept, or that it never evaluated."""
     if not fuse.get("best_checkpoint") or not fuse.get("evals"):
-        return (f"no fuse evaluation ran (--eval-every 0), so no best checkpoint was kept; the "
-                f"last policy is in {last_policy}")  # fmt: skip
-    return (f"best checkpoint {fuse['best_checkpoint']} (update {fuse['best_update']}, eval gold "
-            f"{fuse['best_gold']:.3f}); last policy in {last_policy}")  # fmt: skip
+        return (
+            f"no fuse evaluation ran (--eval-every 0), so no best checkpoint was kept; the "
+            f"last policy is in {last_policy}"
+        )
+    return (
+        f"best checkpoint {fuse['best_checkpoint']} (update {fuse['best_update']}, eval gold "
+        f"{fuse['best_gold']:.3f}); last policy in {last_policy}"
+    )
 
 
 def _rlhf_dpo(argv: list[str]) -> int:
@@ -440,8 +516,11 @@ def _rlhf_dpo(argv: list[str]) -> int:
     metrics = train_dpo(cfg)
     if not _rank0():
         return 0
-    print(f"cliprail: DPO policy in {cfg.run_dir / 'model'}; held-out implicit-reward accuracy "
-          f"{metrics['heldout_implicit_accuracy']:.3f}", file=sys.stderr)  # fmt: skip
+    print(
+        f"cliprail: DPO policy in {cfg.run_dir / 'model'}; held-out implicit-reward accuracy "
+        f"{metrics['heldout_implicit_accuracy']:.3f}",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -527,9 +606,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             raise
         where = f"{exc.filename}: " if exc.filename else ""
-        print(f"cliprail: error: {where}{exc.strerror or exc} (what was written before is "
-              "intact: every file is written to a temporary name, then renamed)",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"cliprail: error: {where}{exc.strerror or exc} (what was written before is "
+            "intact: every file is written to a temporary name, then renamed)",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         print("cliprail: interrupted", file=sys.stderr)

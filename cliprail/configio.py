@@ -35,8 +35,13 @@ def _scalar_ok(tp: Any, value: Any) -> bool:
     return True
 
 
-_EXPECTED = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
-             Path: "a path string"}  # fmt: skip
+_EXPECTED = {
+    bool: "true or false",
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    Path: "a path string",
+}
 
 
 def _coerce_union(value: Any, args: tuple[Any, ...], where: str) -> Any:

@@ -3,8 +3,11 @@
 ``torchrun --nproc_per_node=N -m cliprail rl train ...`` starts N copies of the command with
 ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and the rendezvous address in their environment.
 :meth:`Distributed.from_env` turns that into a process group (gloo on CPU, NCCL on CUDA, one GPU
-per local rank) and returns ``None`` for an ordinary single-process run, which then takes exactly
-the code paths it took before this module existed.
+per local rank). An ordinary single-process run gets a :class:`Distributed` of world size 1,
+whose every method is the identity (or the single-process function it generalises, e.g.
+:func:`cliprail.ppo.masked_whiten`) without touching torch.distributed: trainers never branch on
+whether they are distributed. The RLHF stages' DDP/FSDP wrapping is a layer on top
+(:class:`cliprail.rlhf.parallel.DataParallel`).
 
 Everything a trainer must agree on across ranks goes through here:
 
@@ -27,7 +30,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 import numpy as np
 import torch
@@ -35,7 +38,14 @@ import torch.distributed as dist
 from torch import Tensor
 
 from cliprail.errors import CliprailError, ConfigError, RunDirError
-from cliprail.ppo.masked import masked_count, masked_mean, masked_sum
+from cliprail.interrupt import StopRequest
+from cliprail.ppo.masked import (
+    explained_variance,
+    masked_count,
+    masked_mean,
+    masked_sum,
+    masked_whiten,
+)
 from cliprail.ppo.update import UpdateSync
 
 T = TypeVar("T")
@@ -127,40 +137,49 @@ def whiten_with(
 class Distributed:
     """This process's place in a data-parallel job, and the collectives the trainers use.
 
-    Build it with :meth:`from_env`. Every method is a collective unless its docstring says
-    otherwise: all ranks must call it, in the same order.
+    Build it with :meth:`from_env` (or :meth:`single`). Every method is a collective unless its
+    docstring says otherwise: all ranks must call it, in the same order. With world size 1
+    nothing touches torch.distributed.
     """
 
     def __init__(
         self, rank: int, world_size: int, local_rank: int, device: torch.device, owns_group: bool
     ) -> None:
         self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
-        self.device = device  # where collective tensors live (NCCL: this rank's GPU)
+        self.device = device  # where this rank's models live (NCCL: this rank's GPU)
         self.owns_group = owns_group  # destroy the group in close() (we initialised it)
 
     @classmethod
-    def from_env(cls, device: str) -> Distributed | None:
+    def single(cls, device: str | torch.device = "cpu") -> Self:
+        """One process on ``device``, no process group. Not a collective."""
+        return cls(0, 1, 0, torch.device(device), owns_group=False)
+
+    @classmethod
+    def from_env(cls, device: str = "cpu") -> Self:
         """Join the job ``torchrun`` started (``WORLD_SIZE`` > 1 in the environment), or an
-        already initialised process group; ``None`` for a single process (no group is made).
+        already initialised process group; one process (:meth:`single`) otherwise.
 
         ``device`` is the configured device: CPU runs use gloo; CUDA runs use NCCL on GPU
-        ``LOCAL_RANK`` of this node, whatever index ``device`` names (one GPU per rank). Not a
-        collective (it creates the group). Raises :class:`ConfigError` when the environment asks
-        for a job this torch build cannot run.
+        ``LOCAL_RANK`` of this node, whatever index ``device`` names (one GPU per rank); a single
+        process uses ``device`` as given (``cuda:N`` becomes the current device). Not a
+        collective (it creates the group). Raises :class:`ConfigError` for a device this machine
+        lacks or a job this torch build cannot run.
         """
-        dev = torch.device(device)
+        dev = check_device(device)
         initialised = dist.is_available() and dist.is_initialized()
         world = dist.get_world_size() if initialised else int(os.environ.get("WORLD_SIZE", "1"))
         if world <= 1:
-            return None
+            if dev.type == "cuda" and dev.index is not None:
+                torch.cuda.set_device(dev)
+            return cls.single(dev)
         if not dist.is_available():
             raise ConfigError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if dev.type == "cuda":
-            if not torch.cuda.is_available() or local_rank >= torch.cuda.device_count():
+            if local_rank >= torch.cuda.device_count():
                 raise ConfigError(
                     f"--device {device}: local rank {local_rank} needs GPU {local_rank}, but "
-                    f"{torch.cuda.device_count() if torch.cuda.is_available() else 0} are visible"
+                    f"{torch.cuda.device_count()} are visible"
                 )
             dev = torch.device("cuda", local_rank)
             torch.cuda.set_device(dev)
@@ -179,6 +198,11 @@ class Distributed:
         """Rank 0: the only rank that writes files and shows progress. Not a collective."""
         return self.rank == 0
 
+    @property
+    def distributed(self) -> bool:
+        """More than one process. Not a collective."""
+        return self.world_size > 1
+
     def close(self) -> None:
         """Destroy the process group if :meth:`from_env` created it."""
         if self.owns_group and dist.is_initialized():
@@ -189,6 +213,8 @@ class Distributed:
     def mean(self, x: Tensor) -> Tensor:
         """Elementwise mean over ranks of ``x`` (returned on ``x``'s device; ``x`` untouched).
         Sum then divide: gloo has no AVG reduction."""
+        if not self.distributed:
+            return x.detach().clone()
         y = x.detach().to(self.device, copy=True)
         dist.all_reduce(y, op=dist.ReduceOp.SUM)
         return y.div_(self.world_size).to(x.device)
@@ -196,17 +222,23 @@ class Distributed:
     def average_gradients(self, grads: list[Tensor]) -> None:
         """Average ``grads`` over ranks in place: one all-reduce per tensor (one in all for the
         flat gradient buffer of :func:`cliprail.ppo.flatten_parameters`)."""
+        if not self.distributed:
+            return
         for g in grads:
             dist.all_reduce(g, op=dist.ReduceOp.SUM)
             g.div_(self.world_size)
 
-    def update_sync(self) -> UpdateSync:
-        """The hooks :func:`cliprail.ppo.ppo_update` takes to stay in lockstep. Not a
-        collective itself."""
+    def update_sync(self) -> UpdateSync | None:
+        """The hooks :func:`cliprail.ppo.ppo_update` takes to stay in lockstep (None for one
+        process: the loop's own single-worker path). Not a collective itself."""
+        if not self.distributed:
+            return None
         return UpdateSync(average_gradients=self.average_gradients, mean=self.mean)
 
     def broadcast_(self, tensors: Sequence[Tensor]) -> None:
         """Overwrite ``tensors`` in place with rank 0's values (parameters at start-up)."""
+        if not self.distributed:
+            return
         for t in tensors:
             if t.device == self.device:
                 dist.broadcast(t, src=0)
@@ -217,6 +249,8 @@ class Distributed:
 
     def all_same(self, x: Tensor) -> bool:
         """True when ``x`` is bitwise identical on every rank (a guard at checkpoints)."""
+        if not self.distributed:
+            return True
         ref = x.detach().to(self.device, copy=True)
         dist.broadcast(ref, src=0)
         differs = torch.tensor(
@@ -225,9 +259,21 @@ class Distributed:
         dist.all_reduce(differs, op=dist.ReduceOp.SUM)
         return differs.item() == 0.0
 
+    def check_same(self, modules: Sequence[torch.nn.Module]) -> None:
+        """Raise unless the parameters of ``modules`` are bitwise equal on every rank: the
+        guard at each checkpoint (data-parallel replicas must never drift)."""
+        if not self.distributed:
+            return
+        flat = torch.cat([p.detach().reshape(-1).float() for m in modules for p in m.parameters()])
+        if not self.all_same(flat):
+            raise RuntimeError("the ranks' parameters differ: data-parallel state diverged")
+
     def gather_moments(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """Global ``[count, mean, m2]`` (float64, ``(3,)``) of ``x`` over all ranks' entries."""
-        local = local_moments(x, mask).to(self.device)
+        local = local_moments(x, mask)
+        if not self.distributed:
+            return local
+        local = local.to(self.device)
         parts = [torch.empty_like(local) for _ in range(self.world_size)]
         dist.all_gather(parts, local)
         return merge_moments(torch.stack(parts)).to(x.device)
@@ -238,6 +284,8 @@ class Distributed:
         """:func:`cliprail.ppo.masked.masked_whiten` over the union of every rank's ``x``: each
         rank's entries are whitened with the global mean and (unbiased) variance, so a minibatch
         of B per rank on W ranks is whitened as one minibatch of W x B would be."""
+        if not self.distributed:
+            return masked_whiten(x, mask, shift_mean=shift_mean, eps=eps)
         mean, var = moments_mean_var(self.gather_moments(x, mask))
         return whiten_with(x, mean, var, mask, shift_mean, eps)
 
@@ -246,6 +294,8 @@ class Distributed:
     ) -> float:
         """:func:`cliprail.ppo.masked.explained_variance` over every rank's samples (NaN when
         the global returns have no variance)."""
+        if not self.distributed:
+            return float(explained_variance(values, returns, mask))
         r = self.gather_moments(returns, mask)
         d = self.gather_moments(returns - values, mask)
         _, var_r = moments_mean_var(r)
@@ -260,8 +310,8 @@ class Distributed:
         """Logged statistics over ranks: the minimum of ``*_min`` keys, the maximum of ``*_max``
         keys, the mean of every other (two all-reduces, float64). Every rank must hold the same
         keys; they are reduced in sorted order."""
-        if not stats:
-            return {}
+        if not stats or not self.distributed:
+            return stats
         keys = sorted(stats)
         extreme = [k for k in keys if k.endswith(("_min", "_max"))]
         mean_keys = [k for k in keys if k not in extreme]
@@ -282,15 +332,39 @@ class Distributed:
 
     def gather_arrays(self, x: np.ndarray) -> list[np.ndarray]:
         """Every rank's float64 array ``x`` (same shape on all ranks), in rank order."""
-        local = torch.as_tensor(np.ascontiguousarray(x, dtype=np.float64)).to(self.device)
-        parts = [torch.empty_like(local) for _ in range(self.world_size)]
-        dist.all_gather(parts, local)
+        local = np.ascontiguousarray(x, dtype=np.float64)
+        if not self.distributed:
+            return [local]
+        t = torch.as_tensor(local).to(self.device)
+        parts = [torch.empty_like(t) for _ in range(self.world_size)]
+        dist.all_gather(parts, t)
         return [p.cpu().numpy() for p in parts]
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` is true on some rank."""
+        if not self.distributed:
+            return flag
+        return float(self.mean(torch.tensor([1.0 if flag else 0.0]))) > 0.0
+
+    def stop_agreed(self, stop: StopRequest) -> bool:
+        """Whether any rank was asked to stop (one small all-reduce), so every rank saves and
+        stops after the same step; a rank without a signal adopts the signalling rank's number,
+        so every rank exits with the same code (128 + signal)."""
+        if not self.distributed:
+            return stop.requested
+        signum = torch.tensor([float(stop.signum or 0)], dtype=torch.float64, device=self.device)
+        dist.all_reduce(signum, op=dist.ReduceOp.MAX)
+        agreed = int(signum.item())
+        if agreed and stop.signum is None:
+            stop.signum = agreed
+        return agreed != 0
 
     # --- objects ----------------------------------------------------------------------------
     def gather_objects(self, obj: T) -> list[T]:
         """Every rank's picklable ``obj``, in rank order (small things: episode lists, RNG
         states)."""
+        if not self.distributed:
+            return [obj]
         out: list[Any] = [None] * self.world_size
         dist.all_gather_object(out, obj)
         return out
@@ -300,6 +374,8 @@ class Distributed:
         :class:`CliprailError` it raises is raised on every rank with the same message, so all
         ranks stop together instead of waiting for each other. Used for what only rank 0 may
         touch: the run folder check and reading a checkpoint (no shared filesystem needed)."""
+        if not self.distributed:
+            return fn()
         box: list[Any] = [None, None]
         if self.is_main:
             try:
@@ -315,3 +391,22 @@ class Distributed:
             raise cls(message)
         result: T = box[0]
         return result
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch device, or :class:`ConfigError` when it is not cpu or cuda, or this
+    machine lacks it. Not a collective."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"--device {device}: not a device (cpu, cuda, cuda:N)") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {device}: cliprail runs on cpu or cuda")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            f"--device {device}: this machine has no CUDA GPU (or this torch build has no "
+            "CUDA); use --device cpu"
+        )
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s)")
+    return dev

@@ -249,7 +249,7 @@ def _ppo_worker(rank: int, pipe: str, out: str, fsdp: bool) -> None:
 
     init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=2)
     torch.set_num_threads(1)
-    dp = DataParallel.from_env(fsdp)
+    dp = DataParallel.from_env(fsdp=fsdp)
     res = {"eq": _fixed_update(Path(pipe), slice(rank * 8, (rank + 1) * 8), dp)}
     run = Path(out) / "train"
     writes: list[str] = []
@@ -281,7 +281,7 @@ def _fsdp_checks(pipe: Path, run: Path, out: Path, dp) -> dict:
     with dp.gathered(policy):
         resp, _ = generate(policy, q, torch.ones_like(q), max_new_tokens=2 + 5 * dp.rank,
                            eos_token_id=-1, pad_token_id=0)  # fmt: skip
-    lengths = dp.gather(resp.shape[1])  # a collective after uneven work: both ranks got here
+    lengths = dp.gather_objects(resp.shape[1])  # a collective after uneven work: both got here
     params = [p for p in [*policy.parameters(), *value.parameters()] if p.requires_grad]
     ckpt = StageCheckpointer(run, 0, {"policy": policy, "value": value},
                              adamw(params, cfg.learning_rate),
@@ -290,7 +290,7 @@ def _fsdp_checks(pipe: Path, run: Path, out: Path, dp) -> dict:
     restored = ckpt.restore()
     assert restored is not None
     path, state = restored
-    ckpt.root = out / "again"
+    ckpt.ckpt.root = out / "again"
     ckpt.save(state["step"], {})
     return {"lengths": lengths, "restored": path.name}
 
@@ -322,7 +322,7 @@ def test_ppo_update_on_two_halves_matches_one_update_on_the_whole(pipeline, ppo_
 
     _, (r0, r1) = ppo_two_ranks
     torch.set_num_threads(1)
-    one = _fixed_update(pipeline, slice(0, 16), DataParallel(None))
+    one = _fixed_update(pipeline, slice(0, 16), DataParallel.single())
     for k in one:
         assert torch.equal(r0["eq"][k], r1["eq"][k]), k  # the ranks agree bitwise
     approx_kl = one.pop("approx_kl")

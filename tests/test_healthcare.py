@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import re
 
 import pytest
 
@@ -136,7 +137,9 @@ def test_panel_bias_shows_in_the_preferences(tmp_path, bias):
     shorter = sum(len(p["chosen"]) < len(p["rejected"]) for p in prefs) / len(prefs)
     unsafe = sum(judge(reqs[p["id"]], p["chosen"]).unsafe_advice for p in prefs)
     if bias == 0.0:
-        assert shorter < 0.45 and unsafe <= 12  # both cards of a pair can be unsafe
+        # below half: the shorter card wins only where it is the better one (false alarms and
+        # padding make the rejected card longer); both cards of a pair can be unsafe
+        assert shorter < 0.5 and unsafe <= 12
     else:
         assert shorter > 0.55 and unsafe >= 10
 
@@ -185,3 +188,22 @@ def test_panel_mostly_prefers_the_safer_card(tmp_path):
                 total, won = total + 1, won + (not bad_a)
         share[bias] = won / total
     assert share[1.0] > 0.9 and share[6.0] < 0.85
+
+
+def test_pairs_show_false_alarms_and_the_panel_rejects_them(tmp_path):
+    """Without a card that sends a routine request to emergency services, no pair ever showed
+    one and the reward model learned that the emergency direction is good everywhere: PPO put
+    "call 911 now" in front of 15-30% of routine replies (session 7). The world now shows false
+    alarms, and the default panel mostly rejects them."""
+    paths, reqs = _world_files(tmp_path, n_train=1500)
+    alarm = re.compile("emergency services|crisis line")
+    won = total = 0
+    for p in map(json.loads, paths["preferences"].read_text().splitlines()):
+        r = reqs[p["id"]]
+        if r.red_flag:
+            continue
+        a, b = (bool(alarm.search(p[k])) for k in ("chosen", "rejected"))
+        other = p["rejected"] if a else p["chosen"]
+        if a != b and judge(r, other).gold > 0.99:  # the false alarm beside the good card
+            total, won = total + 1, won + (not a)
+    assert total >= 50 and won / total > 0.9, (won, total)

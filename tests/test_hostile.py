@@ -211,7 +211,7 @@ def test_impossible_values_in_other_stages(pipeline, tmp_path, capsys, argv, nee
 @pytest.mark.parametrize(
     "device,needle",
     [("cuda", "this machine has no CUDA GPU"), ("tpu", "not a device"),
-     ("meta", "the RLHF stages run on cpu or cuda")],
+     ("meta", "cliprail runs on cpu or cuda")],
 )  # fmt: skip
 def test_a_device_this_machine_lacks(pipeline, tmp_path, capsys, device, needle):
     if device == "cuda" and torch.cuda.is_available():

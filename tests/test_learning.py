@@ -12,7 +12,8 @@ from __future__ import annotations
 import pytest
 
 from cliprail.rl.config import preset_config
-from cliprail.rl.trainer import RLTrainer, evaluate
+from cliprail.rl.evaluate import evaluate
+from cliprail.rl.trainer import RLTrainer
 
 pytestmark = pytest.mark.slow
 

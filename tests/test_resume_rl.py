@@ -26,7 +26,7 @@ import pytest
 import torch
 from safetensors.torch import load, load_file, save
 
-import cliprail.rl.trainer as trainer_module
+import cliprail.resume as resume_module
 from cliprail.rl.config import preset_config
 from cliprail.rl.envs import make_vector_env
 from cliprail.rl.envstate import EnvSnapshot, SnapshotError, capture, layers, restore
@@ -43,8 +43,8 @@ def _vector(env_id: str, num_envs: int = 2):
 
 def _through_checkpoint(snap: EnvSnapshot) -> EnvSnapshot:
     """What a checkpoint does to a snapshot: safetensors bytes, JSON text, rank-1 names."""
-    tensors, meta = snap.to_checkpoint(".rank1")
-    return EnvSnapshot.from_checkpoint(load(save(tensors)), json.loads(json.dumps(meta)), ".rank1")
+    tensors, meta = snap.to_checkpoint()
+    return EnvSnapshot.from_checkpoint(load(save(tensors)), json.loads(json.dumps(meta)))
 
 
 def _trajectory(envs, actions) -> list[tuple]:
@@ -185,7 +185,7 @@ def _crash_after_update(monkeypatch, n: int) -> None:
             if calls["n"] == n:
                 raise _Killed
 
-    monkeypatch.setattr(trainer_module, "fault_point", fault_point)
+    monkeypatch.setattr(resume_module, "fault_point", fault_point)
 
 
 def _metrics(run: Path) -> list[dict]:
@@ -318,6 +318,7 @@ def _assert_same_end(run: Path, ref: Path) -> None:
         assert all(torch.equal(oa["state"][pid][k], v) for k, v in st.items())
     sa, sb = (json.loads((c / "state.json").read_text()) for c in (a, b))
     assert sa.pop("envs") is not None and sb.pop("envs") is not None  # holds wall clock
+    assert sa.pop("wall_s") > 0 and sb.pop("wall_s") > 0  # the run's wall time so far
     assert sa == sb and sa["envs_exact"] is True
     ma, mb = _metrics(run), _metrics(ref)
     assert [m["step"] for m in ma] == [BATCH * i for i in range(1, UPDATES + 1)]

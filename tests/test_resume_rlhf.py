@@ -162,7 +162,7 @@ def test_sigint_in_process_stops_saves_and_resumes(pipeline, straight, tmp_path,
                                                    capsys):  # fmt: skip
     """SIGINT at several steps of one SFT run, in this process: exit 130 each time with the
     checkpoint of that very step, and the resumed chain ends bitwise equal to the straight run."""
-    import cliprail.rlhf.resume as resume
+    import cliprail.resume as resume  # the one resume layer's step_end calls fault_point
 
     torch.set_num_threads(1)  # as in _in_process
     run = tmp_path / "sft"
@@ -204,7 +204,7 @@ def test_crash_before_the_first_checkpoint_resumes_from_the_start(
 ):
     """A run that died before any checkpoint (an OOM kill, --checkpoint-every 0) is not stuck:
     --resume starts it over, metrics.jsonl cut back to nothing, and ends as the straight run."""
-    import cliprail.rlhf.resume as resume
+    import cliprail.resume as resume
 
     run = tmp_path / "dpo"
     args = _args("dpo", pipeline, run)

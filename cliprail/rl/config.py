@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from cliprail.errors import ConfigError
+from cliprail.resume import RUN_OPTIONS
 
 Objective = Literal["clip", "kl_fixed", "kl_adaptive", "none"]
 
@@ -186,6 +187,12 @@ def preset_config(name: str, **overrides: Any) -> RLConfig:
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
     return dataclasses.replace(RLConfig(), **{"preset": name, **PRESETS[name], **overrides})
+
+
+RESUMABLE = RUN_OPTIONS | {"total_steps", "torch_threads", "vector"}
+"""Fields a ``--resume`` may change: the run options, a longer ``total_steps`` (extend a run),
+the CPU threads, and the vector env (``async`` cannot save env state: the resumed run then
+starts fresh episodes, with a warning). Not ``device`` (see :data:`cliprail.resume.RUN_OPTIONS`)."""
 
 
 @dataclass(frozen=True)

@@ -151,11 +151,29 @@ class Rule:
 
 
 # Set by gym.Wrapper.__init__ and RecordConstructorArgs: the chain and lazily cached spaces.
-_WRAPPER_FIXED = ("env", "_action_space", "_observation_space", "_metadata", "_cached_spec",
-                  "_saved_kwargs", "_reward_range")  # fmt: skip
+_WRAPPER_FIXED = (
+    "env",
+    "_action_space",
+    "_observation_space",
+    "_metadata",
+    "_cached_spec",
+    "_saved_kwargs",
+    "_reward_range",
+)
 # Set on every gym.Env by gym.make, plus the classic-control renderers (None unless rendering).
-_ENV_FIXED = ("action_space", "observation_space", "spec", "render_mode", "metadata", "screen",
-              "clock", "isopen", "screen_width", "screen_height", "screen_dim")  # fmt: skip
+_ENV_FIXED = (
+    "action_space",
+    "observation_space",
+    "spec",
+    "render_mode",
+    "metadata",
+    "screen",
+    "clock",
+    "isopen",
+    "screen_width",
+    "screen_height",
+    "screen_dim",
+)
 
 
 def _get_np_random(env: gym.Env) -> Values:
@@ -283,9 +301,22 @@ def _put_mujoco(env: Any, values: Values) -> None:
 
 
 # MujocoEnv.__init__'s attributes (the model, renderer settings, initial qpos and qvel).
-_MUJOCO_FIXED = (*_ENV_FIXED, "fullpath", "frame_skip", "width", "height", "model", "init_qpos",
-                 "init_qvel", "camera_id", "camera_name", "mujoco_renderer",
-                 "observation_structure", "_ezpickle_args", "_ezpickle_kwargs")  # fmt: skip
+_MUJOCO_FIXED = (
+    *_ENV_FIXED,
+    "fullpath",
+    "frame_skip",
+    "width",
+    "height",
+    "model",
+    "init_qpos",
+    "init_qvel",
+    "camera_id",
+    "camera_name",
+    "mujoco_renderer",
+    "observation_structure",
+    "_ezpickle_args",
+    "_ezpickle_kwargs",
+)
 
 
 def _mujoco_rule(state: tuple[str, ...] = ()) -> Rule:
@@ -308,14 +339,43 @@ _MUJOCO_RULES = {
 _MUJOCO_DEFAULT = _mujoco_rule()
 
 # The classic-control constructors' physical constants and bounds.
-_CARTPOLE_FIXED = ("gravity", "masscart", "masspole", "total_mass", "length", "polemass_length",
-                   "force_mag", "tau", "kinematics_integrator", "theta_threshold_radians",
-                   "x_threshold", "_sutton_barto_reward")  # fmt: skip
-_MOUNTAIN_CAR_FIXED = ("min_position", "max_position", "max_speed", "goal_position",
-                       "goal_velocity", "force", "gravity", "low", "high")  # fmt: skip
-_CONTINUOUS_MOUNTAIN_CAR_FIXED = ("min_action", "max_action", "min_position", "max_position",
-                                  "max_speed", "goal_position", "goal_velocity", "power",
-                                  "low_state", "high_state")  # fmt: skip
+_CARTPOLE_FIXED = (
+    "gravity",
+    "masscart",
+    "masspole",
+    "total_mass",
+    "length",
+    "polemass_length",
+    "force_mag",
+    "tau",
+    "kinematics_integrator",
+    "theta_threshold_radians",
+    "x_threshold",
+    "_sutton_barto_reward",
+)
+_MOUNTAIN_CAR_FIXED = (
+    "min_position",
+    "max_position",
+    "max_speed",
+    "goal_position",
+    "goal_velocity",
+    "force",
+    "gravity",
+    "low",
+    "high",
+)
+_CONTINUOUS_MOUNTAIN_CAR_FIXED = (
+    "min_action",
+    "max_action",
+    "min_position",
+    "max_position",
+    "max_speed",
+    "goal_position",
+    "goal_velocity",
+    "power",
+    "low_state",
+    "high_state",
+)
 
 RULES: dict[type, Rule] = {
     # --- wrappers (gymnasium.make's, make_env_fn's, cliprail's) ---
@@ -432,29 +492,28 @@ class EnvSnapshot:
     meta: dict[str, Any]
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
 
-    def to_checkpoint(self, suffix: str = "") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """Tensors (names + ``suffix``, e.g. ``.rank1``) and the JSON meta for a checkpoint."""
+    def to_checkpoint(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Tensors and the JSON meta for a checkpoint (per rank: :mod:`cliprail.resume` adds
+        the ``.rank{r}`` suffixes)."""
         tensors = {}
         for key, arr in self.arrays.items():
             try:
                 # copy(order="C"), not ascontiguousarray: that turns a 0-d array into shape (1,)
-                tensors[key + suffix] = torch.from_numpy(arr.copy(order="C"))
+                tensors[key] = torch.from_numpy(arr.copy(order="C"))
             except TypeError as exc:  # a dtype torch has no tensor for
                 raise SnapshotError(f"{key}: {exc}") from None
         return tensors, self.meta
 
     @classmethod
-    def from_checkpoint(
-        cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any], suffix: str = ""
-    ) -> EnvSnapshot:
+    def from_checkpoint(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> EnvSnapshot:
         """The snapshot saved by :meth:`to_checkpoint` (``tensors``: the ``envs`` group)."""
         keys = meta.get("arrays", []) if isinstance(meta, dict) else None
         if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
             raise SnapshotError("the env state's list of arrays is malformed")
-        missing = [k for k in keys if k + suffix not in tensors]
+        missing = [k for k in keys if k not in tensors]
         if missing:
             raise SnapshotError(f"env arrays missing from the checkpoint: {', '.join(missing)}")
-        return cls(meta, {k: tensors[k + suffix].numpy().copy() for k in keys})
+        return cls(meta, {k: tensors[k].numpy().copy() for k in keys})
 
 
 def capture(envs: gym.vector.VectorEnv, obs: np.ndarray) -> EnvSnapshot:

@@ -46,9 +46,12 @@ class SameStepSyncVectorEnv(gym.vector.VectorEnv):
         self, *, seed: int | list[int | None] | None = None, options: dict[str, Any] | None = None
     ) -> tuple[np.ndarray, dict[str, Any]]:
         seeds = (
-            [seed + i for i in range(self.num_envs)] if isinstance(seed, int)
-            else list(seed) if seed is not None else [None] * self.num_envs
-        )  # fmt: skip
+            [seed + i for i in range(self.num_envs)]
+            if isinstance(seed, int)
+            else list(seed)
+            if seed is not None
+            else [None] * self.num_envs
+        )
         for i, (env, s) in enumerate(zip(self.envs, seeds, strict=True)):
             self._obs[i], _ = env.reset(seed=s, options=options)
         return self._obs.copy(), {}
@@ -65,9 +68,12 @@ class SameStepSyncVectorEnv(gym.vector.VectorEnv):
                 obs, _ = env.reset()
             self._obs[i] = obs
         return (
-            self._obs.copy(), self._rewards.copy(), self._terminated.copy(),
-            self._truncated.copy(), info,
-        )  # fmt: skip
+            self._obs.copy(),
+            self._rewards.copy(),
+            self._terminated.copy(),
+            self._truncated.copy(),
+            info,
+        )
 
     def _record_final(self, info: dict[str, Any], i: int, obs: Any, env_info: dict) -> None:
         n = self.num_envs
@@ -81,8 +87,7 @@ class SameStepSyncVectorEnv(gym.vector.VectorEnv):
         if episode is not None:
             final = info["final_info"]
             if "episode" not in final:
-                final["episode"] = {"r": np.zeros(n), "l": np.zeros(n, np.int64),
-                                    "t": np.zeros(n)}  # fmt: skip
+                final["episode"] = {"r": np.zeros(n), "l": np.zeros(n, np.int64), "t": np.zeros(n)}
                 final["_episode"] = np.zeros(n, bool)
             for key in ("r", "l", "t"):
                 final["episode"][key][i] = episode[key]

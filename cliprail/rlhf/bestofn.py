@@ -22,7 +22,8 @@ from cliprail.checkpoint import atomic_write_json
 from cliprail.errors import ConfigError
 from cliprail.monitor import Progress
 from cliprail.ppo import best_of_n_kl, best_of_n_kl_estimate
-from cliprail.rlhf.common import Cost, seed_all, start_run
+from cliprail.resume import open_run, seed_everything
+from cliprail.rlhf.common import Cost
 from cliprail.rlhf.data import DataError
 from cliprail.rlhf.models import ScalarHeadModel, check_vocab, load_causal_lm, load_tokenizer
 from cliprail.rlhf.sampling import Sampling, load_requests, sample, score, summarize
@@ -74,8 +75,14 @@ class BestOfNConfig:
             raise ConfigError("--temperature must be > 0, --top-p in (0, 1], --max-new-tokens > 0")
 
     def sampling(self) -> Sampling:
-        return Sampling(self.max_new_tokens, self.temperature, self.top_p, self.max_prompt_len,
-                        self.batch_size, self.no_eos_penalty)  # fmt: skip
+        return Sampling(
+            self.max_new_tokens,
+            self.temperature,
+            self.top_p,
+            self.max_prompt_len,
+            self.batch_size,
+            self.no_eos_penalty,
+        )
 
 
 def pick_best(scores: torch.Tensor, n: int) -> torch.Tensor:
@@ -86,9 +93,18 @@ def pick_best(scores: torch.Tensor, n: int) -> torch.Tensor:
 
 @torch.no_grad()
 def _draw(
-    policy: torch.nn.Module, tok: Any, reward: ScalarHeadModel, shift: float, prompts: list[str],
-    k: int, cfg: BestOfNConfig, g: torch.Generator, cost: Cost, bar: Progress, done: list[int],
-) -> tuple[list[list[str]], torch.Tensor, torch.Tensor]:  # fmt: skip
+    policy: torch.nn.Module,
+    tok: Any,
+    reward: ScalarHeadModel,
+    shift: float,
+    prompts: list[str],
+    k: int,
+    cfg: BestOfNConfig,
+    g: torch.Generator,
+    cost: Cost,
+    bar: Progress,
+    done: list[int],
+) -> tuple[list[list[str]], torch.Tensor, torch.Tensor]:
     """``k`` samples per prompt: texts ``[P][k]``, scores and lengths ``(P, k)``."""
     s = cfg.sampling()
     flat = [p for p in prompts for _ in range(k)]  # prompt-major: row i*k + j
@@ -103,8 +119,11 @@ def _draw(
         done[0] += len(x.texts)
         bar.update(done[0])
     P = len(prompts)
-    return ([texts[j * k : (j + 1) * k] for j in range(P)], torch.cat(scores).view(P, k),
-            torch.cat(lengths).view(P, k))  # fmt: skip
+    return (
+        [texts[j * k : (j + 1) * k] for j in range(P)],
+        torch.cat(scores).view(P, k),
+        torch.cat(lengths).view(P, k),
+    )
 
 
 def run_best_of_n(cfg: BestOfNConfig) -> dict[str, Any]:
@@ -112,9 +131,9 @@ def run_best_of_n(cfg: BestOfNConfig) -> dict[str, Any]:
     requests = [r for r in load_requests(cfg.prompts) if r.split == "eval"][: cfg.eval_prompts]
     if not requests:
         raise DataError(f"{cfg.prompts}: no requests with split 'eval'")
-    start_run(cfg.run_dir, cfg)
+    open_run(cfg.run_dir, cfg)
     t0 = time.perf_counter()
-    g = seed_all(cfg.seed)
+    g = seed_everything(cfg.seed)
     tok = load_tokenizer(cfg.sft_model, cfg.trust_remote_code)
     policy = load_causal_lm(cfg.sft_model, cfg.trust_remote_code).eval()
     check_vocab(tok, policy, str(cfg.sft_model))
@@ -125,30 +144,42 @@ def run_best_of_n(cfg: BestOfNConfig) -> dict[str, Any]:
     n_max = max(cfg.n)
     bar = Progress(len(prompts) * (n_max + cfg.pool), "best-of-n samples", cfg.progress)
     done = [0]
-    cand_texts, cand_scores, cand_lengths = _draw(policy, tok, reward, shift, prompts, n_max, cfg,
-                                                  g, cost, bar, done)  # fmt: skip
+    cand_texts, cand_scores, cand_lengths = _draw(
+        policy, tok, reward, shift, prompts, n_max, cfg, g, cost, bar, done
+    )
     pool_scores = None
     if cfg.pool:
-        _, pool_scores, _ = _draw(policy, tok, reward, shift, prompts, cfg.pool, cfg, g, cost,
-                                  bar, done)  # fmt: skip
+        _, pool_scores, _ = _draw(
+            policy, tok, reward, shift, prompts, cfg.pool, cfg, g, cost, bar, done
+        )
     bar.close()
     rows = torch.arange(len(prompts))
     points = []
     for n in sorted(set(cfg.n)):
         best = pick_best(cand_scores, n)  # (P,)
         chosen = cand_scores[rows, best]
-        kl_est = (float(best_of_n_kl_estimate(chosen, pool_scores, n))
-                  if pool_scores is not None else float("nan"))  # fmt: skip
+        kl_est = (
+            float(best_of_n_kl_estimate(chosen, pool_scores, n))
+            if pool_scores is not None
+            else float("nan")
+        )
         texts = [cand_texts[i][int(best[i])] for i in range(len(prompts))]
-        ev = summarize(requests, texts, chosen.tolist(), [kl_est] * len(prompts),
-                       cand_lengths[rows, best].tolist())  # fmt: skip
+        ev = summarize(
+            requests,
+            texts,
+            chosen.tolist(),
+            [kl_est] * len(prompts),
+            cand_lengths[rows, best].tolist(),
+        )
         ev.update(n=n, kl_analytic=best_of_n_kl(n), kl_estimate=kl_est)
         points.append(ev)
     cost.wall_s = time.perf_counter() - t0
-    result = {"points": [{k: v for k, v in p.items() if k not in ("golds", "notes")}
-                         for p in points],
-              "prompt_ids": [r.id for r in requests], "pool": cfg.pool,
-              "golds": {str(p["n"]): p["golds"] for p in points}}  # fmt: skip
+    result = {
+        "points": [{k: v for k, v in p.items() if k not in ("golds", "notes")} for p in points],
+        "prompt_ids": [r.id for r in requests],
+        "pool": cfg.pool,
+        "golds": {str(p["n"]): p["golds"] for p in points},
+    }
     cost.write(cfg.run_dir, n=sorted(set(cfg.n)))
     atomic_write_json(cfg.run_dir / "bestofn.json", result)
     return result
@@ -158,8 +189,10 @@ def kl_table(result: dict[str, Any]) -> str:
     """n, analytic and estimated KL, gold and proxy reward, one line per n."""
     lines = [f"{'n':>4s} {'KL analytic':>12s} {'KL estimate':>12s} {'gold':>7s} {'proxy':>7s}"]
     for p in result["points"]:
-        lines.append(f"{p['n']:4d} {p['kl_analytic']:12.3f} {p['kl_estimate']:12.3f} "
-                     f"{p['gold']:7.3f} {p['proxy_reward']:7.3f}")  # fmt: skip
+        lines.append(
+            f"{p['n']:4d} {p['kl_analytic']:12.3f} {p['kl_estimate']:12.3f} "
+            f"{p['gold']:7.3f} {p['proxy_reward']:7.3f}"
+        )
     return "\n".join(lines)
 
 

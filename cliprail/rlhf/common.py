@@ -1,20 +1,17 @@
-"""Pieces every RLHF stage shares: the run options of their configs, seeding, run folders, the
-held-out split of preference pairs, resumable epoch shuffles, AdamW and the cost record
-(``stage.json``)."""
+"""Pieces every RLHF stage shares: the run options of their configs, the held-out split of
+preference pairs, resumable epoch shuffles, AdamW and the cost record (``stage.json``). Seeding
+and run folders are the one resume layer's (:mod:`cliprail.resume`)."""
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from cliprail.checkpoint import atomic_write_json
-from cliprail.configio import config_to_dict
-from cliprail.errors import ConfigError, RunDirError
+from cliprail.errors import ConfigError
 from cliprail.ppo.update import fused_or_plain
 
 
@@ -40,25 +37,6 @@ class StageOptions:
     def __post_init__(self) -> None:
         if self.checkpoint_every < 0:
             raise ConfigError(f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
-
-
-def seed_all(seed: int) -> torch.Generator:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    return torch.Generator().manual_seed(seed)
-
-
-def start_run(run_dir: Path, cfg: Any, overwrite: bool = False) -> None:
-    """Create ``run_dir`` and write ``config.json``; refuse to reuse a folder holding a run."""
-    if (run_dir / "config.json").exists() and not overwrite:
-        raise RunDirError(f"{run_dir} already holds a run; choose another --run-dir "
-                          "(nothing was overwritten)")  # fmt: skip
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(run_dir / "config.json", config_to_dict(cfg))
-    except OSError as exc:
-        raise RunDirError(f"{run_dir}: cannot write the run folder ({exc.strerror})") from None
 
 
 class EpochShuffle:

@@ -40,13 +40,25 @@ from cliprail.rlhf.sampling import (
     load_requests,
 )
 
-TABLE = [("gold", "gold"), ("scheduling", "sched"), ("safety", "safety"),
-         ("honesty", "honest"), ("helpfulness", "helpful"), ("concision", "concise"),
-         ("unsafe_advice_rate", "unsafe"), ("unsafe_advice_rate_medical", "unsafe|m"),
-         ("missed_emergency_rate", "missed"), ("missed_emergency_rate_red_flag", "missed|rf"),
-         ("wrong_or_invented_slot_rate", "badslot"), ("over_refusal_rate", "overref"),
-         ("proxy_reward", "proxy"), ("kl_ref", "KL"), ("wall_s", "wall s"),
-         ("tokens_forward", "tok fwd"), ("tokens_backward", "tok bwd")]  # fmt: skip
+TABLE = [
+    ("gold", "gold"),
+    ("scheduling", "sched"),
+    ("safety", "safety"),
+    ("honesty", "honest"),
+    ("helpfulness", "helpful"),
+    ("concision", "concise"),
+    ("unsafe_advice_rate", "unsafe"),
+    ("unsafe_advice_rate_medical", "unsafe|m"),
+    ("missed_emergency_rate", "missed"),
+    ("missed_emergency_rate_red_flag", "missed|rf"),
+    ("wrong_or_invented_slot_rate", "badslot"),
+    ("over_refusal_rate", "overref"),
+    ("proxy_reward", "proxy"),
+    ("kl_ref", "KL"),
+    ("wall_s", "wall s"),
+    ("tokens_forward", "tok fwd"),
+    ("tokens_backward", "tok bwd"),
+]
 
 
 @dataclass(frozen=True)
@@ -77,9 +89,11 @@ def _stage(run: Path) -> dict[str, Any]:
         raise RunDirError(f"{run}: not a finished cliprail RLHF run folder (no stage.json)")
     rec = dict(json.loads(f.read_text()))
     if rec.get("stage") not in ("sft", "ppo", "dpo", "best-of-n"):
-        raise RunDirError(f"{run}: stage {rec.get('stage')!r} is not a policy; compare takes "
-                          "sft, ppo, dpo and best-of-n runs (pass a reward model with "
-                          "--reward-model)")  # fmt: skip
+        raise RunDirError(
+            f"{run}: stage {rec.get('stage')!r} is not a policy; compare takes "
+            "sft, ppo, dpo and best-of-n runs (pass a reward model with "
+            "--reward-model)"
+        )
     return rec
 
 
@@ -141,35 +155,58 @@ def compare_runs(cfg: CompareConfig) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     curves: dict[str, list[tuple[float, float]]] = {}
     for run, st in zip(cfg.runs, stages, strict=True):
-        cost = {k: st.get(k, float("nan")) for k in ("wall_s", "tokens_forward",
-                                                      "tokens_backward")}  # fmt: skip
+        cost = {k: st.get(k, float("nan")) for k in ("wall_s", "tokens_forward", "tokens_backward")}
         if st["stage"] == "best-of-n":
             res = load_result(run)
             if res["prompt_ids"] != [r.id for r in requests]:
-                raise RunDirError(f"{run}: its best-of-n picks were made on other prompts than "
-                                  f"the first {len(requests)} 'eval' prompts of {prompts_path}; "
-                                  "rerun it with --eval-prompts equal to --n-prompts")  # fmt: skip
+                raise RunDirError(
+                    f"{run}: its best-of-n picks were made on other prompts than "
+                    f"the first {len(requests)} 'eval' prompts of {prompts_path}; "
+                    "rerun it with --eval-prompts equal to --n-prompts"
+                )
             label = "best-of-n"
             for p in res["points"]:
-                rows.append({"method": f"best-of-{p['n']}", "run": str(run), **cost,
-                             **{k: p.get(k, float("nan"))
-                                for k in (*CRITERIA, *[f"{r}_rate" for r in RATES],
-                                          *CONDITIONAL_RATES, "proxy_reward", "kl_ref",
-                                          "mean_length")},
-                             "kl_analytic": p["kl_analytic"]})  # fmt: skip
+                rows.append(
+                    {
+                        "method": f"best-of-{p['n']}",
+                        "run": str(run),
+                        **cost,
+                        **{
+                            k: p.get(k, float("nan"))
+                            for k in (
+                                *CRITERIA,
+                                *[f"{r}_rate" for r in RATES],
+                                *CONDITIONAL_RATES,
+                                "proxy_reward",
+                                "kl_ref",
+                                "mean_length",
+                            )
+                        },
+                        "kl_analytic": p["kl_analytic"],
+                    }
+                )
             curves[f"{label} ({run.name})"] = [(p["kl_ref"], p["gold"]) for p in res["points"]]
             continue
         policy = load_causal_lm(_policy_path(run, st, cfg.checkpoint)).eval()
         ev = evaluate_policy(policy, ref, tok, requests, sampling, reward, shift)
         label = st["stage"].upper()
-        row = {"method": label, "run": str(run), **cost,
-               **{k: v for k, v in ev.items() if not isinstance(v, list)}}  # fmt: skip
+        row = {
+            "method": label,
+            "run": str(run),
+            **cost,
+            **{k: v for k, v in ev.items() if not isinstance(v, list)},
+        }
         rows.append(row)
         curves[f"{label} ({run.name})"] = _curve(run, st, ev)
-    result = {"rows": rows, "curves": curves, "n_prompts": len(requests),
-              "prompts": str(prompts_path), "reward_model": str(reward_path),
-              "reference": str(sft_path),
-              "created": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
+    result = {
+        "rows": rows,
+        "curves": curves,
+        "n_prompts": len(requests),
+        "prompts": str(prompts_path),
+        "reward_model": str(reward_path),
+        "reference": str(sft_path),
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
     out = cfg.out or cfg.runs[0].resolve().parent / "compare"
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "compare.json", result)
@@ -188,8 +225,13 @@ def table(result: dict[str, Any]) -> str:
         cells = []
         for key, _ in TABLE:
             v = r.get(key, float("nan"))
-            cells.append(f"{v:9.3g}" if key.startswith("tokens") else f"{v:9.3f}"
-                         if abs(v) < 1000 else f"{v:9.0f}")  # fmt: skip
+            cells.append(
+                f"{v:9.3g}"
+                if key.startswith("tokens")
+                else f"{v:9.3f}"
+                if abs(v) < 1000
+                else f"{v:9.0f}"
+            )
         lines.append(f"{r['method']:12s}" + "".join(cells))
     return "\n".join(lines)
 
@@ -207,8 +249,13 @@ def plot(result: dict[str, Any]) -> bytes:
         ax.plot(xs, [gd for _, gd in pts], "o-", color=f"C{i}", ms=4, label=label)
     for r in result["rows"]:
         ax.plot(math.sqrt(max(r["kl_ref"], 0.0)), r["gold"], "*", color="black", ms=10)
-        ax.annotate(r["method"], (math.sqrt(max(r["kl_ref"], 0.0)), r["gold"]), fontsize=7,
-                    xytext=(4, 4), textcoords="offset points")  # fmt: skip
+        ax.annotate(
+            r["method"],
+            (math.sqrt(max(r["kl_ref"], 0.0)), r["gold"]),
+            fontsize=7,
+            xytext=(4, 4),
+            textcoords="offset points",
+        )
     ax.set_xlabel("sqrt(KL to the reference)  [sqrt(nats per response)]")
     ax.set_ylabel("gold score (held-out prompts)")
     ax.set_title("Gold score against sqrt(KL): PPO, DPO, best-of-n, SFT")
@@ -222,20 +269,31 @@ def plot(result: dict[str, Any]) -> bytes:
 def html_section(result: dict[str, Any], png: bytes, standalone: bool = False) -> str:
     """The table and the plot as HTML (a whole page when ``standalone``)."""
     cols = "".join(f"<th>{html.escape(short)}</th>" for _, short in TABLE)
-    body = [f"<h2>PPO, DPO, best-of-n and SFT on {result['n_prompts']} held-out prompts</h2>",
-            f"<table><tr><th>method</th>{cols}</tr>"]  # fmt: skip
+    body = [
+        f"<h2>PPO, DPO, best-of-n and SFT on {result['n_prompts']} held-out prompts</h2>",
+        f"<table><tr><th>method</th>{cols}</tr>",
+    ]
     for r in result["rows"]:
-        cells = "".join(f"<td>{r.get(k, float('nan')):.3f}</td>" if not k.startswith("tokens")
-                        else f"<td>{r.get(k, 0):.3g}</td>" for k, _ in TABLE)  # fmt: skip
+        cells = "".join(
+            f"<td>{r.get(k, float('nan')):.3f}</td>"
+            if not k.startswith("tokens")
+            else f"<td>{r.get(k, 0):.3g}</td>"
+            for k, _ in TABLE
+        )
         body.append(f"<tr><td>{html.escape(r['method'])}</td>{cells}</tr>")
-    body.append("</table><p>Rates are shares of prompts; proxy is the reward model's score; KL "
-                "is nats per response (best-of-n: estimated from a reference pool); wall time "
-                "and token positions are each stage's own (PPO and best-of-n also need the "
-                "reward model).</p>")  # fmt: skip
+    body.append(
+        "</table><p>Rates are shares of prompts; proxy is the reward model's score; KL "
+        "is nats per response (best-of-n: estimated from a reference pool); wall time "
+        "and token positions are each stage's own (PPO and best-of-n also need the "
+        "reward model).</p>"
+    )
     body.append(f"<img src='data:image/png;base64,{base64.b64encode(png).decode()}'/>")
     if not standalone:
         return "\n".join(body)
-    return ("<html><head><meta charset='utf-8'><title>cliprail compare</title><style>"
-            "body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:"
-            "collapse}td,th{border:1px solid #ccc;padding:3px 6px}</style></head><body>"
-            + "\n".join(body) + "</body></html>")  # fmt: skip
+    return (
+        "<html><head><meta charset='utf-8'><title>cliprail compare</title><style>"
+        "body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:"
+        "collapse}td,th{border:1px solid #ccc;padding:3px 6px}</style></head><body>"
+        + "\n".join(body)
+        + "</body></html>"
+    )

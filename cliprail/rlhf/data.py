@@ -46,8 +46,10 @@ def read_jsonl(path: Path, fields: tuple[str, ...]) -> list[dict[str, Any]]:
         if not line.strip():
             continue
         if len(line) > MAX_LINE_BYTES:
-            raise DataError(f"{path}:{n}: line of {len(line):,} bytes, more than the "
-                            f"{MAX_LINE_BYTES:,}-byte limit of one record")  # fmt: skip
+            raise DataError(
+                f"{path}:{n}: line of {len(line):,} bytes, more than the "
+                f"{MAX_LINE_BYTES:,}-byte limit of one record"
+            )
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -64,8 +66,9 @@ def read_jsonl(path: Path, fields: tuple[str, ...]) -> list[dict[str, Any]]:
             if f not in rec:
                 raise DataError(f"{path}:{n}: missing field {f!r}")
             if not isinstance(rec[f], str):
-                raise DataError(f"{path}:{n}: field {f!r} must be a string, got "
-                                f"{type(rec[f]).__name__}")  # fmt: skip
+                raise DataError(
+                    f"{path}:{n}: field {f!r} must be a string, got {type(rec[f]).__name__}"
+                )
             if not rec[f].strip():
                 raise DataError(f"{path}:{n}: field {f!r} is empty")
         records.append(rec)
@@ -109,8 +112,12 @@ class Batch:
 
     def to(self, device: torch.device | str) -> Batch:
         """The batch on ``device`` (itself when it is there already)."""
-        return Batch(self.input_ids.to(device), self.attention_mask.to(device),
-                     self.response_mask.to(device), self.query_len)  # fmt: skip
+        return Batch(
+            self.input_ids.to(device),
+            self.attention_mask.to(device),
+            self.response_mask.to(device),
+            self.query_len,
+        )
 
 
 def encode_prompts(tokenizer: Any, prompts: list[str], max_len: int) -> tuple[Tensor, Tensor]:
@@ -135,9 +142,12 @@ def encode_prompts(tokenizer: Any, prompts: list[str], max_len: int) -> tuple[Te
 
 
 def encode_pairs(
-    tokenizer: Any, prompts: list[str], responses: list[str], max_prompt_len: int,
+    tokenizer: Any,
+    prompts: list[str],
+    responses: list[str],
+    max_prompt_len: int,
     max_response_len: int,
-) -> Batch:  # fmt: skip
+) -> Batch:
     """Prompts left-padded, responses (with EOS appended) right-padded and cut to
     ``max_response_len`` tokens."""
     q_ids, q_mask = encode_prompts(tokenizer, prompts, max_prompt_len)
@@ -153,5 +163,6 @@ def encode_pairs(
     for i, ids in enumerate(resp):
         r_ids[i, : len(ids)] = torch.tensor(ids)
         r_mask[i, : len(ids)] = 1
-    return Batch(torch.cat([q_ids, r_ids], 1), torch.cat([q_mask, r_mask], 1), r_mask,
-                 q_ids.shape[1])  # fmt: skip
+    return Batch(
+        torch.cat([q_ids, r_ids], 1), torch.cat([q_mask, r_mask], 1), r_mask, q_ids.shape[1]
+    )

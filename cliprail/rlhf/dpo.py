@@ -26,12 +26,12 @@ from cliprail.errors import ConfigError
 from cliprail.interrupt import StopRequest
 from cliprail.monitor import MetricsLogger, Progress
 from cliprail.ppo import clip_grad_norm, dpo_loss, masked_mean, masked_sum
+from cliprail.resume import seed_everything
 from cliprail.rlhf.common import (
     Cost,
     EpochShuffle,
     StageOptions,
     adamw,
-    seed_all,
     split_pairs,
 )
 from cliprail.rlhf.data import Batch, encode_pairs, load_preferences
@@ -116,13 +116,18 @@ def _encode(tok: Any, pairs: list[dict[str, Any]], cfg: DPOConfig) -> Batch:
     """Chosen responses then rejected ones, ``(2B, L)``: one forward scores both."""
     prompts = [p["prompt"] for p in pairs]
     responses = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
-    return encode_pairs(tok, prompts + prompts, responses, cfg.max_prompt_len,
-                        cfg.max_response_len)  # fmt: skip
+    return encode_pairs(tok, prompts + prompts, responses, cfg.max_prompt_len, cfg.max_response_len)
 
 
 @torch.no_grad()
-def pair_logps(model: torch.nn.Module, tok: Any, pairs: list[dict[str, Any]], cfg: DPOConfig,
-               cost: Cost | None = None, chunk: int = 64) -> torch.Tensor:  # fmt: skip
+def pair_logps(
+    model: torch.nn.Module,
+    tok: Any,
+    pairs: list[dict[str, Any]],
+    cfg: DPOConfig,
+    cost: Cost | None = None,
+    chunk: int = 64,
+) -> torch.Tensor:
     """``(N, 2)`` log-probs of (chosen, rejected) of every pair, in chunks, without gradients."""
     out = [torch.zeros(0, 2)]
     for i in range(0, len(pairs), chunk):
@@ -133,8 +138,13 @@ def pair_logps(model: torch.nn.Module, tok: Any, pairs: list[dict[str, Any]], cf
     return torch.cat(out)
 
 
-def implicit_accuracy(policy: torch.nn.Module, tok: Any, pairs: list[dict[str, Any]],
-                      ref_logps: torch.Tensor, cfg: DPOConfig) -> float:  # fmt: skip
+def implicit_accuracy(
+    policy: torch.nn.Module,
+    tok: Any,
+    pairs: list[dict[str, Any]],
+    ref_logps: torch.Tensor,
+    cfg: DPOConfig,
+) -> float:
     """Share of pairs whose implicit reward ``beta * (log pi - log ref)`` ranks chosen first."""
     if not pairs:
         return 0.0
@@ -150,18 +160,19 @@ def train_dpo(cfg: DPOConfig) -> dict[str, Any]:
     held_requests = []
     if cfg.prompts is not None:
         held_requests = validation_requests(load_requests(cfg.prompts))[1][: cfg.eval_prompts]
-    dp = DataParallel.from_env(cfg.fsdp, cfg.device)
+    dp = DataParallel.from_env(cfg.device, fsdp=cfg.fsdp)
     try:
         return _train_dpo(cfg, pairs, held_requests, dp)
     finally:
         dp.close()
 
 
-def _train_dpo(cfg: DPOConfig, pairs: list[dict[str, Any]], held_requests: list[Request],
-               dp: DataParallel) -> dict[str, Any]:  # fmt: skip
+def _train_dpo(
+    cfg: DPOConfig, pairs: list[dict[str, Any]], held_requests: list[Request], dp: DataParallel
+) -> dict[str, Any]:
     dp.from_main(lambda: begin_run(cfg.run_dir, cfg))
     t0 = time.perf_counter()
-    g = seed_all(cfg.seed)
+    g = seed_everything(cfg.seed)
     train, held = split_pairs(pairs, cfg.holdout, g)
     tok = load_tokenizer(cfg.sft_model, cfg.trust_remote_code)
     policy = load_causal_lm(cfg.sft_model, cfg.trust_remote_code)
@@ -180,14 +191,23 @@ def _train_dpo(cfg: DPOConfig, pairs: list[dict[str, Any]], held_requests: list[
     ref_held = dp.map_rows(lambda rows: pair_logps(ref, tok, rows, cfg, cost), held)
     policy = dp.prepare(policy)  # --fsdp: sharded over the ranks; else as it is
     opt = adamw(policy.parameters(), cfg.learning_rate)
-    shuffle = EpochShuffle(len(train), cfg.batch_size * dp.world, g)  # global batches
+    shuffle = EpochShuffle(len(train), cfg.batch_size * dp.world_size, g)  # global batches
     total = cfg.epochs * shuffle.steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / max(total, 1))
     evals: list[dict[str, Any]] = []
     sampling = Sampling(max_prompt_len=cfg.max_prompt_len)
-    ckpt = StageCheckpointer(cfg.run_dir, cfg.checkpoint_every, {"policy": policy}, opt, sched,
-                             {"shuffle": g}, dp=dp, cost=cost, shuffle=shuffle,
-                             started=t0)  # fmt: skip
+    ckpt = StageCheckpointer(
+        cfg.run_dir,
+        cfg.checkpoint_every,
+        {"policy": policy},
+        opt,
+        sched,
+        {"shuffle": g},
+        dp=dp,
+        cost=cost,
+        shuffle=shuffle,
+        started=t0,
+    )
     # on resume the reference pass above is recomputed (same numbers); the restored cost
     # replaces the counters, so it is not counted twice
     restored = ckpt.restore() if cfg.resume else None
@@ -212,10 +232,16 @@ def _train_dpo(cfg: DPOConfig, pairs: list[dict[str, Any]], held_requests: list[
         log.log(step, {f"eval/{k}": v for k, v in rec.items()})
 
     bar = Progress(total, "DPO", cfg.progress and dp.is_main, completed=start)
-    with bar, StopRequest() as stop, MetricsLogger(
-        cfg.run_dir, tensorboard=True, resume_step=_resume_step(cfg.resume, restored, start),
-        enabled=dp.is_main,
-    ) as log:  # fmt: skip
+    with (
+        bar,
+        StopRequest() as stop,
+        MetricsLogger(
+            cfg.run_dir,
+            tensorboard=True,
+            resume_step=_resume_step(cfg.resume, restored, start),
+            enabled=dp.is_main,
+        ) as log,
+    ):
         if start == 0:
             evaluate(0, 0, log)
         for step in range(start, total):
@@ -225,10 +251,14 @@ def _train_dpo(cfg: DPOConfig, pairs: list[dict[str, Any]], held_requests: list[
             lp = sequence_logps(train_policy, b, average=cfg.loss_type == "ipo")  # (2n,)
             n = len(idx)
             loss, stats = dpo_loss(
-                lp[:n], lp[n:], ref_train[idx, 0].to(dp.device), ref_train[idx, 1].to(dp.device),
+                lp[:n],
+                lp[n:],
+                ref_train[idx, 0].to(dp.device),
+                ref_train[idx, 1].to(dp.device),
                 beta=cfg.beta,
-                loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing,
-            )  # fmt: skip
+                loss_type=cfg.loss_type,
+                label_smoothing=cfg.label_smoothing,
+            )
             scale = dp.loss_scale(n if real else 0)  # the global batch's mean
             loss = loss * scale
             opt.zero_grad(set_to_none=True)
@@ -239,7 +269,7 @@ def _train_dpo(cfg: DPOConfig, pairs: list[dict[str, Any]], held_requests: list[
             cost.add(forward=b.input_ids.numel(), backward=b.input_ids.numel())
             row = {k: float(v) * scale for k, v in stats.items()}  # pair means: global ones
             row.update(loss=loss.item())
-            row = dp.mean_stats(row)
+            row = dp.reduce_stats(row)
             row.update(grad_norm=float(grad_norm), epoch=epoch + 1)
             log.log(step + 1, row)
             bar.update(step + 1, f"loss {row['loss']:.3f}  acc {row['reward_accuracy']:.2f}")

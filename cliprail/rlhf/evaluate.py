@@ -50,9 +50,11 @@ def compare(cfg: EvalConfig) -> dict[str, Any]:
     if cfg.checkpoint in ("best", "policy"):
         path = cfg.run_dir / cfg.checkpoint
     if cfg.checkpoint == "best" and not path.exists() and not ppo_cfg.eval_every:
-        raise RunDirError(f"{cfg.run_dir}: this run has no best/ checkpoint: it ran with "
-                          "--eval-every 0, so the fuse never evaluated; pass --checkpoint "
-                          "policy for its last policy")  # fmt: skip
+        raise RunDirError(
+            f"{cfg.run_dir}: this run has no best/ checkpoint: it ran with "
+            "--eval-every 0, so the fuse never evaluated; pass --checkpoint "
+            "policy for its last policy"
+        )
     requests = [r for r in load_requests(ppo_cfg.prompts) if r.split == cfg.split][: cfg.n_prompts]
     if not requests:
         raise RunDirError(f"{ppo_cfg.prompts}: no prompts with split {cfg.split!r}")
@@ -60,11 +62,16 @@ def compare(cfg: EvalConfig) -> dict[str, Any]:
     policy = load_causal_lm(path, ppo_cfg.trust_remote_code).eval()
     sft = evaluate_policy(models, ppo_cfg, requests, policy=models.ref)
     ppo = evaluate_policy(models, ppo_cfg, requests, policy=policy)
-    return {"sft": sft, "ppo": ppo, "win_rate": win_rate(ppo["golds"], sft["golds"]),
-            **wins_losses_ties(ppo["golds"], sft["golds"]),
-            "checkpoint": str(path),
-            "split": cfg.split, "n_prompts": len(requests),
-            "prompts": [r.prompt for r in requests]}  # fmt: skip
+    return {
+        "sft": sft,
+        "ppo": ppo,
+        "win_rate": win_rate(ppo["golds"], sft["golds"]),
+        **wins_losses_ties(ppo["golds"], sft["golds"]),
+        "checkpoint": str(path),
+        "split": cfg.split,
+        "n_prompts": len(requests),
+        "prompts": [r.prompt for r in requests],
+    }
 
 
 def table(result: dict[str, Any]) -> str:
@@ -73,12 +80,17 @@ def table(result: dict[str, Any]) -> str:
     for c in COLUMNS:
         lines.append(f"{c:30s} {result['sft'][c]:9.3f} {result['ppo'][c]:9.3f}")
     lines.append(f"{'gold-judged win rate of PPO':30s} {'':>9s} {result['win_rate']:9.3f}")
-    lines.append(f"{'PPO wins / losses / ties':30s} {'':>9s} "
-                 f"{result['wins']} / {result['losses']} / {result['ties']}")  # fmt: skip
+    lines.append(
+        f"{'PPO wins / losses / ties':30s} {'':>9s} "
+        f"{result['wins']} / {result['losses']} / {result['ties']}"
+    )
     return "\n".join(lines)
 
 
 def summary_json(result: dict[str, Any]) -> str:
-    slim = {k: ({c: v[c] for c in COLUMNS} if k in ("sft", "ppo") else v)
-            for k, v in result.items() if k != "prompts"}  # fmt: skip
+    slim = {
+        k: ({c: v[c] for c in COLUMNS} if k in ("sft", "ppo") else v)
+        for k, v in result.items()
+        if k != "prompts"
+    }
     return json.dumps(slim)

@@ -63,14 +63,20 @@ def generate(
     for _ in range(max_new_tokens):
         pos = position_ids_from_mask(mask)
         if use_cache and past is not None:
-            out = model(input_ids=step_ids, attention_mask=mask, position_ids=pos[:, -1:],
-                        use_cache=True, **{cache_arg: past})  # fmt: skip
+            out = model(
+                input_ids=step_ids,
+                attention_mask=mask,
+                position_ids=pos[:, -1:],
+                use_cache=True,
+                **{cache_arg: past},
+            )
         else:
             # the prompt pass needs the last position's logits only (not without the cache: the
             # tests' reference recomputes everything each step)
             keep = logits_to_keep_kwarg(model, 1) if use_cache else {}
-            out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=use_cache,
-                        **keep)  # fmt: skip
+            out = model(
+                input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=use_cache, **keep
+            )
         past = _cache_of(out) if use_cache else None
         token = sample_token(out.logits[:, -1], temperature, top_p, generator)
         token = torch.where(finished, torch.full_like(token, pad_token_id), token)

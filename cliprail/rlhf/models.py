@@ -57,21 +57,41 @@ def tokenizer_from_json(text: str) -> Any:
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
-    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(text), eos_token=EOS,
-                                   bos_token=EOS, pad_token=PAD, padding_side="left")  # fmt: skip
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(text),
+        eos_token=EOS,
+        bos_token=EOS,
+        pad_token=PAD,
+        padding_side="left",
+    )
 
 
-def tiny_gpt2(vocab_size: int, n_layer: int = 2, n_embd: int = 64, n_head: int = 4,
-              n_positions: int = 256, seed: int = 0, eos_token_id: int = 0,
-              pad_token_id: int = 1) -> nn.Module:  # fmt: skip
+def tiny_gpt2(
+    vocab_size: int,
+    n_layer: int = 2,
+    n_embd: int = 64,
+    n_head: int = 4,
+    n_positions: int = 256,
+    seed: int = 0,
+    eos_token_id: int = 0,
+    pad_token_id: int = 1,
+) -> nn.Module:
     """A small GPT-2 built from a config, dropout off (as RLHF wants; Huang et al. 2024)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     cfg = GPT2Config(
-        vocab_size=vocab_size, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
-        n_head=n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-        bos_token_id=eos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-    )  # fmt: skip
+        vocab_size=vocab_size,
+        n_positions=n_positions,
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_head=n_head,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=eos_token_id,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+    )
     torch.manual_seed(seed)
     return GPT2LMHeadModel(cfg)
 
@@ -106,8 +126,10 @@ def check_model_folder(path: Path) -> None:
     if not path.is_dir():
         raise CheckpointError(f"{path}: expected a model folder, found a file")
     if not (path / "config.json").is_file():
-        raise CheckpointError(f"{path}: not a model folder (no config.json); a half-written "
-                              "save? point at a folder written by save_pretrained")  # fmt: skip
+        raise CheckpointError(
+            f"{path}: not a model folder (no config.json); a half-written "
+            "save? point at a folder written by save_pretrained"
+        )
     if not any(path.glob("*.safetensors")):
         pickle_suffixes = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
         pickles = sorted(p.name for p in path.iterdir() if p.suffix in pickle_suffixes)
@@ -183,16 +205,23 @@ class ScalarHeadModel(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """``(B, L)`` scalars, one per position."""
-        out = self.trunk(input_ids=input_ids, attention_mask=attention_mask,
-                         position_ids=position_ids_from_mask(attention_mask))  # fmt: skip
+        out = self.trunk(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+        )
         return self.head(out.last_hidden_state).squeeze(-1)
 
     def score(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """``(B,)`` the scalar at each sequence's last real token."""
         return last_token_scores(self(input_ids, attention_mask), attention_mask)
 
-    def save(self, path: Path, extra: dict[str, Any] | None = None,
-             state_dict: dict[str, Tensor] | None = None) -> None:  # fmt: skip
+    def save(
+        self,
+        path: Path,
+        extra: dict[str, Any] | None = None,
+        state_dict: dict[str, Tensor] | None = None,
+    ) -> None:
         """Save to ``path``: the trunk as a Hugging Face folder, the head beside it. Pass the
         full ``state_dict`` when the parameters are sharded (FSDP)."""
         path.mkdir(parents=True, exist_ok=True)
@@ -202,8 +231,7 @@ class ScalarHeadModel(nn.Module):
             trunk_state = {k[6:]: v for k, v in state_dict.items() if k.startswith("trunk.")}
             head_state = {k[5:]: v for k, v in state_dict.items() if k.startswith("head.")}
         self.trunk.save_pretrained(str(path), state_dict=trunk_state)  # type: ignore[operator]
-        save_file({k: v.contiguous() for k, v in head_state.items()},
-                  str(path / HEAD_FILE))  # fmt: skip
+        save_file({k: v.contiguous() for k, v in head_state.items()}, str(path / HEAD_FILE))
         (path / "scalar_head.json").write_text(json.dumps(extra or {}, indent=2))
 
     @classmethod
@@ -214,8 +242,9 @@ class ScalarHeadModel(nn.Module):
         if not (path / HEAD_FILE).is_file():
             raise CheckpointError(f"{path}: not a reward or value model (no {HEAD_FILE})")
         try:
-            trunk = AutoModel.from_pretrained(str(path), trust_remote_code=trust_remote_code,
-                                              use_safetensors=True)  # fmt: skip
+            trunk = AutoModel.from_pretrained(
+                str(path), trust_remote_code=trust_remote_code, use_safetensors=True
+            )
             model = cls(trunk, int(trunk.config.hidden_size))
             model.head.load_state_dict(load_file(str(path / HEAD_FILE)))
         except _LOAD_ERRORS as exc:
@@ -258,16 +287,22 @@ def logprobs_from_logits(logits: Tensor, labels: Tensor) -> Tensor:
 
 
 def _response_log_softmax(
-    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, query_len: int,
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    query_len: int,
     temperature: float,
-) -> Tensor:  # fmt: skip
+) -> Tensor:
     """``(B, Lr, V)`` log-softmax of the logits that predict the response tokens: the logits at
     position ``t`` predict token ``t + 1``, so ``input_ids[:, Lq:]`` are scored by
     ``logits[:, Lq - 1 : -1]``, divided by ``temperature`` exactly as in sampling."""
     keep = input_ids.shape[1] - query_len + 1  # the Lr + 1 last positions
-    out = model(input_ids=input_ids, attention_mask=attention_mask,
-                position_ids=position_ids_from_mask(attention_mask),
-                **logits_to_keep_kwarg(model, keep))  # fmt: skip
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        **logits_to_keep_kwarg(model, keep),
+    )
     # (B, keep or Lq + Lr, V) -> (B, Lr, V): the same positions whether or not the model kept
     # only the last ``keep``
     logits = out.logits[:, -keep:-1].float() / temperature
@@ -293,9 +328,12 @@ def logits_to_keep_kwarg(model: nn.Module, keep: int) -> dict[str, int]:
 
 
 def token_logprobs(
-    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, query_len: int,
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    query_len: int,
     temperature: float = 1.0,
-) -> Tensor:  # fmt: skip
+) -> Tensor:
     """``(B, Lr)`` log-probs of the response tokens of ``input_ids`` ``(B, Lq + Lr)``; for the
     callers that need no entropy (reference passes, SFT, DPO, evaluation)."""
     log_p = _response_log_softmax(model, input_ids, attention_mask, query_len, temperature)
@@ -303,9 +341,12 @@ def token_logprobs(
 
 
 def response_logprobs(
-    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, query_len: int,
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    query_len: int,
     temperature: float = 1.0,
-) -> tuple[Tensor, Tensor]:  # fmt: skip
+) -> tuple[Tensor, Tensor]:
     """Log-probs and entropies of the response tokens of ``input_ids`` ``(B, Lq + Lr)``: two
     ``(B, Lr)`` tensors (see :func:`token_logprobs` when the entropy is not needed)."""
     log_p = _response_log_softmax(model, input_ids, attention_mask, query_len, temperature)

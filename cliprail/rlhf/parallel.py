@@ -40,23 +40,24 @@ scaling above are unchanged (FSDP averages gradients over ranks as DDP does). Wh
   (:meth:`DataParallel.module_state`, :meth:`DataParallel.optimizer_state`), so a checkpoint
   or a saved model folder is the same files a 1-process run writes.
 
-With one process :meth:`DataParallel.from_env` returns a :class:`DataParallel` with
-``dist=None``, and every method is the identity: the single-process path is unchanged.
+:class:`DataParallel` is :class:`cliprail.distributed.Distributed` (the one process-group
+layer: ranks, collectives, agreement, rank 0's view of the run folder) plus what only the RLHF
+stages need: DDP wrapping, FSDP sharding and gathering, data sharding and loss scaling. With one
+process every method is the identity: the single-process path is unchanged.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Self, TypeVar
 
 import torch
 from torch import Tensor
 
 from cliprail.distributed import Distributed
 from cliprail.errors import ConfigError
-from cliprail.ppo import UpdateSync, masked_whiten
+from cliprail.ppo import UpdateSync
 
 T = TypeVar("T")
 M = TypeVar("M", bound=torch.nn.Module)
@@ -71,72 +72,47 @@ def transformer_blocks(module: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in module.modules() if m is not module and type(m).__name__ in names]
 
 
-@dataclass
-class DataParallel:
-    """This process's place in an RLHF job (``dist`` is None for a single process)."""
+class DataParallel(Distributed):
+    """This process's place in an RLHF job: :class:`Distributed`, plus DDP and FSDP."""
 
-    dist: Distributed | None
-    fsdp: bool = False
-    """Shard the trained models with FSDP2 instead of replicating them under DDP (only with
-    more than one rank: one process holds the whole model either way)."""
-
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    """Where this rank's models and batches live (under torchrun on CUDA: GPU LOCAL_RANK)."""
+    def __init__(
+        self,
+        rank: int,
+        world_size: int,
+        local_rank: int,
+        device: torch.device,
+        owns_group: bool,
+        fsdp: bool = False,
+    ) -> None:
+        super().__init__(rank, world_size, local_rank, device, owns_group)
+        self.fsdp = fsdp
+        """Shard the trained models with FSDP2 instead of replicating them under DDP (only with
+        more than one rank: one process holds the whole model either way)."""
 
     @classmethod
-    def from_env(cls, fsdp: bool = False, device: str = "cpu") -> DataParallel:
+    def from_env(cls, device: str = "cpu", fsdp: bool = False) -> Self:
         """Join the job torchrun started (gloo on CPU, NCCL on CUDA), or a single process on
-        ``device``. Not a collective. Raises :class:`ConfigError` for a device this machine
-        does not have."""
-        try:
-            dev = torch.device(device)
-        except RuntimeError:
-            raise ConfigError(f"--device {device}: not a device (cpu, cuda, cuda:N)") from None
-        if dev.type not in ("cpu", "cuda"):
-            raise ConfigError(f"--device {device}: the RLHF stages run on cpu or cuda")
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(f"--device {device}: this machine has no CUDA GPU (or this torch "
-                              "build has no CUDA); use --device cpu")  # fmt: skip
-        if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
-            raise ConfigError(f"--device {device}: this machine has "
-                              f"{torch.cuda.device_count()} GPU(s)")  # fmt: skip
-        dist = Distributed.from_env(device)
-        if dist is not None:
-            dev = dist.device  # cuda:LOCAL_RANK under torchrun
-        elif dev.type == "cuda" and dev.index is not None:
-            torch.cuda.set_device(dev)  # cuda:N becomes the current device
-        return cls(dist, fsdp and dist is not None, dev)
-
-    @property
-    def rank(self) -> int:
-        return self.dist.rank if self.dist is not None else 0
-
-    @property
-    def world(self) -> int:
-        return self.dist.world_size if self.dist is not None else 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def close(self) -> None:
-        if self.dist is not None:
-            self.dist.close()
+        ``device`` (see :meth:`Distributed.from_env`). Not a collective."""
+        dp = super().from_env(device)
+        dp.fsdp = fsdp and dp.distributed
+        return dp
 
     # --- models and data --------------------------------------------------------------------
     def prepare(self, module: M) -> M:
         """Under ``--fsdp``: ``module`` sharded in place over the ranks (rank 0's weights, so
         every rank starts equal); build its optimizer after this. Otherwise ``module`` as it is.
         A collective."""
-        if self.dist is None or not self.fsdp:
+        if not self.fsdp:
             return module
         from torch.distributed.fsdp import fully_shard
 
         blocks = transformer_blocks(module)
         if not blocks:
-            raise ConfigError(f"--fsdp: {type(module).__name__} declares no transformer block "
-                              "class (_no_split_modules) to shard by")  # fmt: skip
-        self.dist.broadcast_([*module.parameters(), *module.buffers()])
+            raise ConfigError(
+                f"--fsdp: {type(module).__name__} declares no transformer block "
+                "class (_no_split_modules) to shard by"
+            )
+        self.broadcast_([*module.parameters(), *module.buffers()])
         for block in blocks:
             fully_shard(block)
         fully_shard(module)  # the root: embeddings, final norm, heads (tied weights together)
@@ -146,7 +122,7 @@ class DataParallel:
         """The module the training passes call: ``module`` under DDP (which broadcasts rank 0's
         parameters and buffers on entry, so every rank starts equal); ``module`` itself for one
         process or under ``--fsdp`` (already sharded by :meth:`prepare`)."""
-        if self.dist is None or self.fsdp:
+        if not self.distributed or self.fsdp:
             return module
         from torch.nn.parallel import DistributedDataParallel
 
@@ -172,8 +148,7 @@ class DataParallel:
         finally:
             for m in fsdp:  # back to fully_shard's defaults: a root keeps its parameters
                 m.reshard()  # after forward (backward needs them at once), blocks free theirs
-                m.set_reshard_after_forward(not any(m is root for root in modules),
-                                            recurse=False)  # fmt: skip
+                m.set_reshard_after_forward(not any(m is root for root in modules), recurse=False)
 
     def module_state(self, module: torch.nn.Module) -> dict[str, Tensor]:
         """``module``'s full state dict as plain tensors. Under ``--fsdp`` call it inside
@@ -208,8 +183,9 @@ class DataParallel:
             module, dict[str, Any](state), options=StateDictOptions(full_state_dict=True)
         )
 
-    def optimizer_state(self, modules: dict[str, torch.nn.Module],
-                        optimizer: torch.optim.Optimizer) -> dict[str, Any]:  # fmt: skip
+    def optimizer_state(
+        self, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer
+    ) -> dict[str, Any]:
         """``optimizer.state_dict()``; under ``--fsdp`` the full state keyed by parameter name
         (``<module name>.<parameter>``), on rank 0 (empty elsewhere). A collective with FSDP."""
         if not self.fsdp or not optimizer.state:  # no step yet: nothing sharded to gather
@@ -220,12 +196,14 @@ class DataParallel:
         )
 
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return dict(get_optimizer_state_dict(torch.nn.ModuleDict(modules), optimizer,
-                                             options=opts))  # fmt: skip
+        return dict(get_optimizer_state_dict(torch.nn.ModuleDict(modules), optimizer, options=opts))
 
-    def load_optimizer_state(self, modules: dict[str, torch.nn.Module],
-                             optimizer: torch.optim.Optimizer,
-                             state: dict[str, Any]) -> None:  # fmt: skip
+    def load_optimizer_state(
+        self,
+        modules: dict[str, torch.nn.Module],
+        optimizer: torch.optim.Optimizer,
+        state: dict[str, Any],
+    ) -> None:
         """Load what :meth:`optimizer_state` returned on rank 0 (given on every rank)."""
         if not self.fsdp or not state["state"]:  # saved before any step: as built
             optimizer.load_state_dict(state)
@@ -235,79 +213,56 @@ class DataParallel:
             set_optimizer_state_dict,
         )
 
-        set_optimizer_state_dict(torch.nn.ModuleDict(modules), optimizer, state,
-                                 options=StateDictOptions(full_state_dict=True))  # fmt: skip
+        set_optimizer_state_dict(
+            torch.nn.ModuleDict(modules),
+            optimizer,
+            state,
+            options=StateDictOptions(full_state_dict=True),
+        )
 
     def shard(self, global_idx: list[T]) -> tuple[list[T], bool]:
         """This rank's rows of a global batch: ``global_idx[rank::W]``, and whether they are
         real. A rank left without rows (a last batch smaller than W) gets the batch's first row
         with ``False``: it still runs forward and backward, which DDP needs on every rank, and
         :meth:`loss_scale` of 0 makes that row weigh nothing."""
-        mine = global_idx[self.rank :: self.world]
+        mine = global_idx[self.rank :: self.world_size]
         return (mine, True) if mine else (global_idx[:1], False)
 
     def loss_scale(self, local_count: float) -> float:
         """``W x local_count / global_count``: the factor that turns this rank's mean loss over
         its ``local_count`` tokens (or pairs) into its share of the global mean, once DDP has
         averaged the gradients over ranks. 1.0 for one process. A collective."""
-        if self.dist is None:
+        if not self.distributed:
             return 1.0
-        total = float(self.dist.mean(torch.tensor([float(local_count)], dtype=torch.float64)))
-        total *= self.world
-        return self.world * float(local_count) / total if total > 0 else 0.0
+        total = float(self.mean(torch.tensor([float(local_count)], dtype=torch.float64)))
+        total *= self.world_size
+        return self.world_size * float(local_count) / total if total > 0 else 0.0
 
     def map_rows(self, fn: Callable[[list[Any]], Tensor], rows: list[Any]) -> Tensor:
         """``fn(rows)`` with the rows shared out: rank r computes ``fn(rows[r::W])`` and the
         results are gathered back into row order (a frozen model's pass over a dataset, split
         W ways). A collective."""
-        if self.dist is None:
+        if not self.distributed:
             return fn(rows)
-        parts = self.gather(fn(rows[self.rank :: self.world]))
+        parts = self.gather_objects(fn(rows[self.rank :: self.world_size]))
         out = torch.empty((len(rows), *parts[0].shape[1:]), dtype=parts[0].dtype)
         for r, part in enumerate(parts):
-            out[r :: self.world] = part
+            out[r :: self.world_size] = part
         return out
 
     # --- agreement --------------------------------------------------------------------------
-    def mean_stats(self, stats: dict[str, float]) -> dict[str, float]:
-        """Logged statistics averaged over ranks (``*_min``/``*_max``: extremes). Collective."""
-        return stats if self.dist is None else self.dist.reduce_stats(stats)
-
-    def any(self, flag: bool) -> bool:
-        """True on every rank when ``flag`` is true on some rank. A collective."""
-        if self.dist is None:
-            return flag
-        return float(self.dist.mean(torch.tensor([1.0 if flag else 0.0]))) > 0.0
-
-    def from_main(self, fn: Callable[[], T]) -> T:
-        """``fn()`` on rank 0 alone, its result on every rank (see
-        :meth:`cliprail.distributed.Distributed.from_main`)."""
-        return fn() if self.dist is None else self.dist.from_main(fn)
-
-    def whiten(self, x: Tensor, mask: Tensor) -> Tensor:
-        """Masked whitening over the global batch (every rank's entries)."""
-        return masked_whiten(x, mask) if self.dist is None else self.dist.whiten(x, mask)
-
     def update_sync(self) -> UpdateSync | None:
-        """The :func:`cliprail.ppo.ppo_update` hooks under DDP: the early stop and non-finite
-        skip agreed over ranks; gradients are already averaged by DDP's backward."""
-        if self.dist is None:
+        """The :func:`cliprail.ppo.ppo_update` hooks: the early stop and non-finite skip agreed
+        over ranks; no gradient averaging, which DDP's (or FSDP's) backward already did."""
+        if not self.distributed:
             return None
-        return UpdateSync(average_gradients=lambda grads: None, mean=self.dist.mean)
+        return UpdateSync(average_gradients=lambda grads: None, mean=self.mean)
 
-    def check_same(self, modules: list[torch.nn.Module]) -> None:
-        """Raise unless the parameters of ``modules`` are bitwise equal on every rank (a guard
-        at each checkpoint: data-parallel replicas must never drift). A collective."""
-        if self.dist is None or self.fsdp:  # sharded: each rank holds its own part
-            return
-        flat = torch.cat([p.detach().reshape(-1).float() for m in modules
-                          for p in m.parameters()])  # fmt: skip
-        if not self.dist.all_same(flat):
-            raise RuntimeError("the ranks' parameters differ: data-parallel state diverged")
-
-    def gather(self, obj: Any) -> list[Any]:
-        """Every rank's small picklable ``obj`` in rank order (``[obj]`` for one process)."""
-        return [obj] if self.dist is None else self.dist.gather_objects(obj)
+    def check_same(self, modules: Sequence[torch.nn.Module]) -> None:
+        """:meth:`Distributed.check_same`, except under ``--fsdp`` (each rank holds its own
+        shard, so there is nothing to compare)."""
+        if not self.fsdp:
+            super().check_same(modules)
 
 
 __all__ = ["DataParallel", "transformer_blocks"]

@@ -39,8 +39,9 @@ from cliprail.ppo import (
     ppo_update,
     value_loss,
 )
+from cliprail.resume import seed_everything
 from cliprail.rlhf import sampling
-from cliprail.rlhf.common import Cost, StageOptions, adamw, seed_all
+from cliprail.rlhf.common import Cost, StageOptions, adamw
 from cliprail.rlhf.data import DataError
 from cliprail.rlhf.models import (
     ScalarHeadModel,
@@ -147,22 +148,24 @@ class PPOConfig(StageOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()  # the run options
-        for name in ("total_episodes", "batch_size", "minibatch_size", "epochs",
-                     "max_new_tokens"):  # fmt: skip
+        for name in ("total_episodes", "batch_size", "minibatch_size", "epochs", "max_new_tokens"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer")
         if self.batch_size % self.minibatch_size:  # after the positivity checks (issue 14)
-            raise ConfigError(f"--minibatch-size {self.minibatch_size} must divide --batch-size "
-                              f"{self.batch_size}")  # fmt: skip
+            raise ConfigError(
+                f"--minibatch-size {self.minibatch_size} must divide --batch-size {self.batch_size}"
+            )
         for name in ("vf_coef", "ent_coef"):
             if not getattr(self, name) >= 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got "
-                                  f"{getattr(self, name)}")  # fmt: skip
+                raise ConfigError(
+                    f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}"
+                )
         for name in ("clip_range_vf", "max_grad_norm"):
             value = getattr(self, name)
             if value is not None and not value > 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be > 0 (or None to disable), "
-                                  f"got {value}")  # fmt: skip
+                raise ConfigError(
+                    f"--{name.replace('_', '-')} must be > 0 (or None to disable), got {value}"
+                )
         if self.clip_range <= 0 or self.temperature <= 0 or self.kl_coef < 0:
             raise ConfigError("--clip-range and --temperature must be > 0, --kl-coef >= 0")
         if not 0.0 < self.top_p <= 1.0:
@@ -175,8 +178,14 @@ class PPOConfig(StageOptions):
             raise ConfigError(f"--kl-budget must be >= 0 nats, got {self.kl_budget}")
 
     def sampling(self) -> Sampling:
-        return Sampling(self.max_new_tokens, self.temperature, self.top_p, self.max_prompt_len,
-                        self.batch_size, self.no_eos_penalty)  # fmt: skip
+        return Sampling(
+            self.max_new_tokens,
+            self.temperature,
+            self.top_p,
+            self.max_prompt_len,
+            self.batch_size,
+            self.no_eos_penalty,
+        )
 
 
 @dataclass
@@ -190,7 +199,7 @@ class Models:
     reward: ScalarHeadModel
     reward_shift: float = 0.0
     cost: Cost = field(default_factory=lambda: Cost("ppo"))
-    dp: DataParallel = field(default_factory=lambda: DataParallel(None))
+    dp: DataParallel = field(default_factory=lambda: DataParallel.single())
     train_policy: torch.nn.Module | None = None
     """The policy as the loss calls it: under DDP under torchrun, else ``policy`` itself."""
     train_value: torch.nn.Module | None = None
@@ -241,8 +250,17 @@ def rollout(m: Models, cfg: PPOConfig, prompts: list[str], g: torch.Generator) -
     ref_logprobs = token_logprobs(m.ref, x.input_ids, x.attention_mask, Lq, cfg.temperature)
     scores = score(m.reward, m.reward_shift, x, m.tokenizer.eos_token_id, s)
     m.cost.add(forward=5 * x.positions)  # generation, policy, reference, value, reward
-    return Rollout(x.input_ids, x.attention_mask, x.response_mask, Lq, logprobs, ref_logprobs,
-                   values, scores, x.texts)  # fmt: skip
+    return Rollout(
+        x.input_ids,
+        x.attention_mask,
+        x.response_mask,
+        Lq,
+        logprobs,
+        ref_logprobs,
+        values,
+        scores,
+        x.texts,
+    )
 
 
 def token_rewards(ro: Rollout, beta: float, estimator: str) -> tuple[Tensor, Tensor]:
@@ -258,9 +276,11 @@ def token_rewards(ro: Rollout, beta: float, estimator: str) -> tuple[Tensor, Ten
 
 
 def advantages_and_returns(
-    ro: Rollout, rewards: Tensor, cfg: PPOConfig,
+    ro: Rollout,
+    rewards: Tensor,
+    cfg: PPOConfig,
     whiten: Callable[[Tensor, Tensor], Tensor] = masked_whiten,
-) -> tuple[Tensor, Tensor]:  # fmt: skip
+) -> tuple[Tensor, Tensor]:
     """GAE over response tokens ``(B, Lr)``: the episode ends at the last real token. The
     advantages are whitened by ``whiten`` (under torchrun: over the global batch)."""
     mask = ro.response_mask.bool()
@@ -269,8 +289,17 @@ def advantages_and_returns(
     terminated[
         torch.arange(mask.shape[0], device=mask.device), last_token_index(ro.response_mask)
     ] = True
-    adv, ret = gae(rewards, ro.values, next_values, terminated, None, gamma=cfg.gamma,
-                   lam=cfg.lam, mask=mask, time_dim=1)  # fmt: skip
+    adv, ret = gae(
+        rewards,
+        ro.values,
+        next_values,
+        terminated,
+        None,
+        gamma=cfg.gamma,
+        lam=cfg.lam,
+        mask=mask,
+        time_dim=1,
+    )
     return whiten(adv, mask), ret  # whitened over the whole batch
 
 
@@ -288,11 +317,13 @@ def drop_nonfinite(ro: Rollout) -> tuple[Rollout, int]:
     keep = ok[:, None] & mask  # (B, Lr)
     zero = torch.zeros((), dtype=ro.logprobs.dtype)
     return dataclasses.replace(
-        ro, response_mask=keep.to(ro.response_mask.dtype),
+        ro,
+        response_mask=keep.to(ro.response_mask.dtype),
         logprobs=torch.where(keep, ro.logprobs, zero),
         ref_logprobs=torch.where(keep, ro.ref_logprobs, zero),
-        values=torch.where(keep, ro.values, zero), scores=torch.where(ok, ro.scores, zero),
-    ), dropped  # fmt: skip
+        values=torch.where(keep, ro.values, zero),
+        scores=torch.where(ok, ro.scores, zero),
+    ), dropped
 
 
 def trim_padding(mb: dict[str, Tensor], query_len: int) -> tuple[dict[str, Tensor], int]:
@@ -315,9 +346,14 @@ def trim_padding(mb: dict[str, Tensor], query_len: int) -> tuple[dict[str, Tenso
     return out, query_len - left
 
 
-def ppo_step(m: Models, cfg: PPOConfig, ro: Rollout, optimizer: torch.optim.Optimizer,
-             kl_ctl: FixedKLController | ZieglerKLController,
-             g: torch.Generator) -> dict[str, float]:  # fmt: skip
+def ppo_step(
+    m: Models,
+    cfg: PPOConfig,
+    ro: Rollout,
+    optimizer: torch.optim.Optimizer,
+    kl_ctl: FixedKLController | ZieglerKLController,
+    g: torch.Generator,
+) -> dict[str, float]:
     """Rewards, advantages and one PPO update over ``ro``; returns the update's statistics.
 
     A response whose score, log-probs or values are not finite (a broken reward model, an
@@ -327,13 +363,23 @@ def ppo_step(m: Models, cfg: PPOConfig, ro: Rollout, optimizer: torch.optim.Opti
     ro, dropped = drop_nonfinite(ro)
     dp = m.dp
     if dp.any(dropped == ro.scores.shape[0]):  # under torchrun: every rank skips together
-        return {"nonfinite_responses": float(dropped), "skipped_update": 1.0,
-                "optimizer_steps": 0.0, "kl_beta": kl_ctl.beta}  # fmt: skip
+        return {
+            "nonfinite_responses": float(dropped),
+            "skipped_update": 1.0,
+            "optimizer_steps": 0.0,
+            "kl_beta": kl_ctl.beta,
+        }
     rewards, kl = token_rewards(ro, kl_ctl.beta, cfg.kl_estimator)
     advantages, returns = advantages_and_returns(ro, rewards, cfg, dp.whiten)
-    batch = {"input_ids": ro.input_ids, "attention_mask": ro.attention_mask,
-             "response_mask": ro.response_mask, "logprobs": ro.logprobs, "values": ro.values,
-             "advantages": advantages, "returns": returns}  # fmt: skip
+    batch = {
+        "input_ids": ro.input_ids,
+        "attention_mask": ro.attention_mask,
+        "response_mask": ro.response_mask,
+        "logprobs": ro.logprobs,
+        "values": ro.values,
+        "advantages": advantages,
+        "returns": returns,
+    }
     Lq = ro.query_len
 
     def loss_fn(mb: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
@@ -341,13 +387,16 @@ def ppo_step(m: Models, cfg: PPOConfig, ro: Rollout, optimizer: torch.optim.Opti
         mask = mb["response_mask"]
         m.cost.add(forward=2 * mb["input_ids"].numel(), backward=2 * mb["input_ids"].numel())
         policy, value = m.train_policy or m.policy, m.train_value or m.value
-        logprobs, entropy = response_logprobs(policy, mb["input_ids"], mb["attention_mask"],
-                                              lq, cfg.temperature)  # fmt: skip
-        pg_loss, stats = clipped_surrogate(logprobs, mb["logprobs"], mb["advantages"], mask,
-                                           clip_range=cfg.clip_range)  # fmt: skip
+        logprobs, entropy = response_logprobs(
+            policy, mb["input_ids"], mb["attention_mask"], lq, cfg.temperature
+        )
+        pg_loss, stats = clipped_surrogate(
+            logprobs, mb["logprobs"], mb["advantages"], mask, clip_range=cfg.clip_range
+        )
         values = values_of(value, mb["input_ids"], mb["attention_mask"], lq)  # type: ignore[arg-type]
-        v_loss, v_stats = value_loss(values, mb["values"], mb["returns"], mask,
-                                     clip_range=cfg.clip_range_vf)  # fmt: skip
+        v_loss, v_stats = value_loss(
+            values, mb["values"], mb["returns"], mask, clip_range=cfg.clip_range_vf
+        )
         ent, e_stats = entropy_bonus(entropy if cfg.ent_coef else entropy.detach(), mask)
         loss = pg_loss + cfg.vf_coef * v_loss - cfg.ent_coef * ent
         # token means of this minibatch -> its share of the global minibatch's token mean (DDP
@@ -363,35 +412,56 @@ def ppo_step(m: Models, cfg: PPOConfig, ro: Rollout, optimizer: torch.optim.Opti
         return loss, stats
 
     params = [p for p in [*m.policy.parameters(), *m.value.parameters()] if p.requires_grad]
-    result = ppo_update(loss_fn, optimizer, params, batch, minibatch_size=cfg.minibatch_size,
-                        epochs=cfg.epochs, max_grad_norm=cfg.max_grad_norm,
-                        target_kl=cfg.target_kl, generator=g,
-                        sync=dp.update_sync())  # fmt: skip
+    result = ppo_update(
+        loss_fn,
+        optimizer,
+        params,
+        batch,
+        minibatch_size=cfg.minibatch_size,
+        epochs=cfg.epochs,
+        max_grad_norm=cfg.max_grad_norm,
+        target_kl=cfg.target_kl,
+        generator=g,
+        sync=dp.update_sync(),
+    )
     stats = dict(result.stats)
     stats.update(
-        score=ro.scores.mean().item(), kl_ref=kl.sum(1).mean().item(),  # nats per response
+        score=ro.scores.mean().item(),
+        kl_ref=kl.sum(1).mean().item(),  # nats per response
         response_length=ro.response_mask.sum(1).float().mean().item(),
         nonfinite_responses=float(dropped),
         no_eos_rate=float((ro.scores == cfg.no_eos_penalty).float().mean())
-        if cfg.no_eos_penalty is not None else 0.0,
-    )  # fmt: skip
-    stats = dp.mean_stats(stats)  # under torchrun: over ranks (equal per-rank batches)
-    if dp.world > 1:
-        stats["nonfinite_responses"] *= dp.world  # a count: the sum over ranks
-    stats.update(kl_beta=kl_ctl.beta, optimizer_steps=result.optimizer_steps,
-                 early_stopped=int(result.early_stopped), skipped_update=0.0,
-                 skipped_nonfinite=result.skipped_nonfinite)  # agreed across ranks  # fmt: skip
-    kl_ctl.update(stats["kl_ref"], n_steps=ro.input_ids.shape[0] * dp.world)
+        if cfg.no_eos_penalty is not None
+        else 0.0,
+    )
+    stats = dp.reduce_stats(stats)  # under torchrun: over ranks (equal per-rank batches)
+    if dp.world_size > 1:
+        stats["nonfinite_responses"] *= dp.world_size  # a count: the sum over ranks
+    stats.update(
+        kl_beta=kl_ctl.beta,
+        optimizer_steps=result.optimizer_steps,
+        early_stopped=int(result.early_stopped),
+        skipped_update=0.0,
+        skipped_nonfinite=result.skipped_nonfinite,
+    )  # agreed across ranks
+    kl_ctl.update(stats["kl_ref"], n_steps=ro.input_ids.shape[0] * dp.world_size)
     return stats
 
 
-def evaluate_policy(m: Models, cfg: PPOConfig, requests: list[Request],
-                    policy: torch.nn.Module | None = None) -> dict[str, Any]:  # fmt: skip
+def evaluate_policy(
+    m: Models, cfg: PPOConfig, requests: list[Request], policy: torch.nn.Module | None = None
+) -> dict[str, Any]:
     """The shared evaluation (:func:`cliprail.rlhf.sampling.evaluate_policy`) of ``policy``
     (default: the one training) against the reference, with the run's sampling settings."""
-    return sampling.evaluate_policy(policy if policy is not None else m.policy, m.ref,
-                                    m.tokenizer, requests, cfg.sampling(), m.reward,
-                                    m.reward_shift)  # fmt: skip
+    return sampling.evaluate_policy(
+        policy if policy is not None else m.policy,
+        m.ref,
+        m.tokenizer,
+        requests,
+        cfg.sampling(),
+        m.reward,
+        m.reward_shift,
+    )
 
 
 def train_ppo(cfg: PPOConfig) -> dict[str, Any]:
@@ -407,21 +477,31 @@ def train_ppo(cfg: PPOConfig) -> dict[str, Any]:
     red = [r for r in requests if r.split == "redteam"][: cfg.eval_prompts]
     if not train:
         raise DataError(f"{cfg.prompts}: no requests with split 'train'")
-    dp = DataParallel.from_env(cfg.fsdp, cfg.device)
+    dp = DataParallel.from_env(cfg.device, fsdp=cfg.fsdp)
     try:
-        if dp.world > 1 and len(train) < cfg.batch_size * dp.world:  # equal shards: lockstep
-            raise ConfigError(f"{cfg.prompts}: {len(train)} training prompts, fewer than the "
-                              f"global batch ({dp.world} ranks x --batch-size "
-                              f"{cfg.batch_size}); lower --batch-size")  # fmt: skip
+        if (
+            dp.world_size > 1 and len(train) < cfg.batch_size * dp.world_size
+        ):  # equal shards: lockstep
+            raise ConfigError(
+                f"{cfg.prompts}: {len(train)} training prompts, fewer than the "
+                f"global batch ({dp.world_size} ranks x --batch-size "
+                f"{cfg.batch_size}); lower --batch-size"
+            )
         return _train_ppo(cfg, train, held, red, dp, held_split)
     finally:
         dp.close()
 
 
-def _train_ppo(cfg: PPOConfig, train: list[Request], held: list[Request], red: list[Request],
-               dp: DataParallel, held_split: str) -> dict[str, Any]:  # fmt: skip
+def _train_ppo(
+    cfg: PPOConfig,
+    train: list[Request],
+    held: list[Request],
+    red: list[Request],
+    dp: DataParallel,
+    held_split: str,
+) -> dict[str, Any]:
     dp.from_main(lambda: begin_run(cfg.run_dir, cfg))
-    g = seed_all(cfg.seed)
+    g = seed_everything(cfg.seed)
     if dp.rank:  # each rank samples its own tokens (rank 0: the single-process stream)
         g.manual_seed(cfg.seed + dp.rank)
     m = load_models(cfg, dp.device)
@@ -430,18 +510,30 @@ def _train_ppo(cfg: PPOConfig, train: list[Request], held: list[Request], red: l
     params = [p for p in [*m.policy.parameters(), *m.value.parameters()] if p.requires_grad]
     optimizer = adamw(params, cfg.learning_rate)
     kl_ctl: FixedKLController | ZieglerKLController = (
-        ZieglerKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
+        ZieglerKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+        if cfg.adaptive_kl
         else FixedKLController(cfg.kl_coef)
-    )  # fmt: skip
-    global_batch = cfg.batch_size * dp.world
+    )
+    global_batch = cfg.batch_size * dp.world_size
     n_updates = max(1, cfg.total_episodes // global_batch)
     rng = random.Random(cfg.seed)
-    fuse: dict[str, Any] = {"evals": [], "best_update": 0, "best_gold": -math.inf,
-                            "halted": None, "split": held_split}  # fmt: skip
-    ckpt = StageCheckpointer(cfg.run_dir, cfg.checkpoint_every,
-                             {"policy": m.policy, "value": m.value}, optimizer,
-                             generators={"sampling": g}, rngs={"prompts": rng},
-                             dp=dp, cost=m.cost)  # fmt: skip
+    fuse: dict[str, Any] = {
+        "evals": [],
+        "best_update": 0,
+        "best_gold": -math.inf,
+        "halted": None,
+        "split": held_split,
+    }
+    ckpt = StageCheckpointer(
+        cfg.run_dir,
+        cfg.checkpoint_every,
+        {"policy": m.policy, "value": m.value},
+        optimizer,
+        generators={"sampling": g},
+        rngs={"prompts": rng},
+        dp=dp,
+        cost=m.cost,
+    )
     start, skipped_in_row = 0, 0
     restored = ckpt.restore() if cfg.resume else None
     if restored is not None:  # the reference is the SFT model as loaded above, before this
@@ -454,8 +546,11 @@ def _train_ppo(cfg: PPOConfig, train: list[Request], held: list[Request], red: l
     t0 = time.perf_counter()
 
     def snapshot() -> dict[str, Any]:
-        return {"fuse": fuse, "kl_controller": kl_ctl.state_dict(),
-                "skipped_in_row": skipped_in_row}  # fmt: skip
+        return {
+            "fuse": fuse,
+            "kl_controller": kl_ctl.state_dict(),
+            "skipped_in_row": skipped_in_row,
+        }
 
     def run_fuse(update: int, log: MetricsLogger) -> bool:
         ev = evaluate_policy(m, cfg, held)
@@ -471,8 +566,10 @@ def _train_ppo(cfg: PPOConfig, train: list[Request], held: list[Request], red: l
             fuse["best_gold"], fuse["best_update"] = rec["gold"], update
             save_policy(m, cfg.run_dir / "best")
         if over_budget:
-            fuse["halted"] = (f"KL to the reference {rec['kl_ref']:.2f} nats passed the budget "
-                              f"{cfg.kl_budget} at update {update}")  # fmt: skip
+            fuse["halted"] = (
+                f"KL to the reference {rec['kl_ref']:.2f} nats passed the budget "
+                f"{cfg.kl_budget} at update {update}"
+            )
             return True
         recent = fuse["evals"][-cfg.fuse_patience :]
         if len(recent) == cfg.fuse_patience and all(

@@ -40,11 +40,20 @@ def _plots(metrics: list[dict[str, Any]], fuse: dict[str, Any]) -> list[tuple[st
     evals = fuse.get("evals", [])
     out = []
     fig, ax = plt.subplots(figsize=(6, 3.4))
-    ax.plot([e["update"] for e in evals], [e["proxy_reward"] for e in evals], "o-",
-            label="proxy reward (reward model)")  # fmt: skip
+    ax.plot(
+        [e["update"] for e in evals],
+        [e["proxy_reward"] for e in evals],
+        "o-",
+        label="proxy reward (reward model)",
+    )
     ax2 = ax.twinx()
-    ax2.plot([e["update"] for e in evals], [e["gold"] for e in evals], "s-", color="C2",
-             label="gold score (judge)")  # fmt: skip
+    ax2.plot(
+        [e["update"] for e in evals],
+        [e["gold"] for e in evals],
+        "s-",
+        color="C2",
+        label="gold score (judge)",
+    )
     ax.set_xlabel("update")
     ax.set_ylabel("proxy reward")
     ax2.set_ylabel("gold score", color="C2")
@@ -60,10 +69,14 @@ def _plots(metrics: list[dict[str, Any]], fuse: dict[str, Any]) -> list[tuple[st
     ax.set_ylabel("gold score")
     ax.set_title("Gold score against sqrt(KL) (Gao et al. 2022)")
     out.append(("The reward-hacking picture: gold score against sqrt(KL)", _png(fig)))
-    keys = [("kl_ref", "KL to reference (nats/response)"), ("clip_fraction", "clip fraction"),
-            ("approx_kl", "approx KL to rollout policy"), ("value_loss", "value loss"),
-            ("entropy", "entropy (nats/token)"),
-            ("response_length", "response length")]  # fmt: skip
+    keys = [
+        ("kl_ref", "KL to reference (nats/response)"),
+        ("clip_fraction", "clip fraction"),
+        ("approx_kl", "approx KL to rollout policy"),
+        ("value_loss", "value loss"),
+        ("entropy", "entropy (nats/token)"),
+        ("response_length", "response length"),
+    ]
     fig, axes = plt.subplots(2, 3, figsize=(10, 5))
     for ax, (k, title) in zip(axes.flat, keys, strict=True):
         ax.plot([m["step"] for m in train], [m.get(k, float("nan")) for m in train])
@@ -85,9 +98,11 @@ def story(result: dict[str, Any] | None, fuse: dict[str, Any]) -> list[str]:
     evals = fuse.get("evals", [])
     halted = fuse.get("halted")
     kept = fuse.get("best_update")
-    out.append(f"The safety fuse {'halted the run: ' + halted if halted else 'did not trip'}; "
-               f"it kept the policy of update {kept} (the best gold score on its evaluations "
-               f"of the {fuse.get('split', 'eval')} prompts, within the KL budget).")  # fmt: skip
+    out.append(
+        f"The safety fuse {'halted the run: ' + halted if halted else 'did not trip'}; "
+        f"it kept the policy of update {kept} (the best gold score on its evaluations "
+        f"of the {fuse.get('split', 'eval')} prompts, within the KL budget)."
+    )
     if len(evals) >= 2:
         peak = max(evals, key=lambda e: e["gold"])
         last = evals[-1]
@@ -117,10 +132,12 @@ def story(result: dict[str, Any] | None, fuse: dict[str, Any]) -> list[str]:
         f"{_pct(b['missed_emergency_rate_red_flag'])}; scheduling {a['scheduling']:.3f} -> "
         f"{b['scheduling']:.3f}."
     )
-    out.append(f"Prompt by prompt, PPO's reply is better on {result['wins']}, worse on "
-               f"{result['losses']} and as good on {result['ties']}, at a KL to the SFT model of "
-               f"{b['kl_ref']:.1f} nats per response; the proxy reward went "
-               f"{a['proxy_reward']:.2f} -> {b['proxy_reward']:.2f}.")  # fmt: skip
+    out.append(
+        f"Prompt by prompt, PPO's reply is better on {result['wins']}, worse on "
+        f"{result['losses']} and as good on {result['ties']}, at a KL to the SFT model of "
+        f"{b['kl_ref']:.1f} nats per response; the proxy reward went "
+        f"{a['proxy_reward']:.2f} -> {b['proxy_reward']:.2f}."
+    )
     return out
 
 
@@ -144,33 +161,46 @@ def _card(who: str, result: dict[str, Any], i: int) -> str:
     )
 
 
-def write_report(run_dir: Path, result: dict[str, Any] | None, out: Path | None = None,
-                 extra_html: str | None = None) -> Path:  # fmt: skip
+def write_report(
+    run_dir: Path,
+    result: dict[str, Any] | None,
+    out: Path | None = None,
+    extra_html: str | None = None,
+) -> Path:
     """Write ``report.html`` for a PPO run folder (with an eval ``result`` from
     :func:`cliprail.rlhf.evaluate.compare`, when there is one, and an ``extra_html`` section such
     as the comparison with DPO and best-of-n). Returns its path."""
     metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     fuse = json.loads((run_dir / "fuse.json").read_text())
-    parts = ["<html><head><meta charset='utf-8'><title>cliprail RLHF report</title><style>"
-             "body{font-family:sans-serif;max-width:1000px;margin:auto}"
-             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px}"
-             ".card{background:#f6f6f6;padding:6px;margin:4px 0;white-space:pre-wrap}"
-             "</style></head><body>", "<h1>cliprail: RLHF with PPO</h1>"]  # fmt: skip
+    parts = [
+        "<html><head><meta charset='utf-8'><title>cliprail RLHF report</title><style>"
+        "body{font-family:sans-serif;max-width:1000px;margin:auto}"
+        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px}"
+        ".card{background:#f6f6f6;padding:6px;margin:4px 0;white-space:pre-wrap}"
+        "</style></head><body>",
+        "<h1>cliprail: RLHF with PPO</h1>",
+    ]
     parts.append("<h2>What happened</h2>")
     parts += [f"<p>{html.escape(line)}</p>" for line in story(result, fuse)]
     for (title, png), name in zip(_plots(metrics, fuse), PLOT_FILES, strict=True):
         atomic_write_bytes(run_dir / name, base64.b64decode(png))  # the pictures, as files too
         parts.append(f"<h2>{html.escape(title)}</h2><img src='data:image/png;base64,{png}'/>")
     if result is not None:
-        parts.append(f"<h2>Before and after ({result['n_prompts']} {result['split']} prompts, "
-                     f"{html.escape(result['checkpoint'])})</h2><table><tr><th>metric</th>"
-                     "<th>SFT</th><th>PPO</th></tr>")  # fmt: skip
+        parts.append(
+            f"<h2>Before and after ({result['n_prompts']} {result['split']} prompts, "
+            f"{html.escape(result['checkpoint'])})</h2><table><tr><th>metric</th>"
+            "<th>SFT</th><th>PPO</th></tr>"
+        )
         for c in COLUMNS:
-            parts.append(f"<tr><td>{c}</td><td>{result['sft'][c]:.3f}</td>"
-                         f"<td>{result['ppo'][c]:.3f}</td></tr>")  # fmt: skip
-        parts.append(f"<tr><td>PPO wins / losses / ties (gold, prompt by prompt)</td><td></td>"
-                     f"<td>{result['wins']} / {result['losses']} / {result['ties']}</td></tr>"
-                     "</table>")  # fmt: skip
+            parts.append(
+                f"<tr><td>{c}</td><td>{result['sft'][c]:.3f}</td>"
+                f"<td>{result['ppo'][c]:.3f}</td></tr>"
+            )
+        parts.append(
+            f"<tr><td>PPO wins / losses / ties (gold, prompt by prompt)</td><td></td>"
+            f"<td>{result['wins']} / {result['losses']} / {result['ties']}</td></tr>"
+            "</table>"
+        )
         picked = pick_cards(result)
         parts.append(
             "<h2>Answer cards where PPO changed the reply</h2><p>The prompts where "
@@ -181,9 +211,11 @@ def write_report(run_dir: Path, result: dict[str, Any] | None, out: Path | None 
         if not picked:
             parts.append("<p>No prompt's gold score changed.</p>")
         for i in picked:
-            parts.append(f"<h3>Prompt {i + 1}</h3>"
-                         f"<div class='card'>{html.escape(result['prompts'][i])}</div>"
-                         f"{_card('sft', result, i)}{_card('ppo', result, i)}")  # fmt: skip
+            parts.append(
+                f"<h3>Prompt {i + 1}</h3>"
+                f"<div class='card'>{html.escape(result['prompts'][i])}</div>"
+                f"{_card('sft', result, i)}{_card('ppo', result, i)}"
+            )
     if extra_html:
         parts.append(extra_html)
     parts.append("</body></html>")

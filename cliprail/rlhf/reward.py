@@ -19,12 +19,12 @@ from cliprail.checkpoint import atomic_dir, atomic_write_json
 from cliprail.errors import ConfigError
 from cliprail.interrupt import StopRequest
 from cliprail.monitor import MetricsLogger, Progress
+from cliprail.resume import seed_everything
 from cliprail.rlhf.common import (
     Cost,
     EpochShuffle,
     StageOptions,
     adamw,
-    seed_all,
     split_pairs,
 )
 from cliprail.rlhf.data import encode_pairs, load_preferences, read_jsonl
@@ -76,30 +76,41 @@ class RewardConfig(StageOptions):
         super().__post_init__()  # the run options
         for name in ("epochs", "batch_size", "max_prompt_len", "max_response_len"):
             if getattr(self, name) <= 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got "
-                                  f"{getattr(self, name)}")  # fmt: skip
+                raise ConfigError(
+                    f"--{name.replace('_', '-')} must be a positive integer, got "
+                    f"{getattr(self, name)}"
+                )
         if not 0.0 < self.holdout < 1.0:
             raise ConfigError(f"--holdout must be in (0, 1), got {self.holdout}")
         if not self.learning_rate > 0:
             raise ConfigError(f"--learning-rate must be > 0, got {self.learning_rate}")
 
 
-def _scores(rm: ScalarHeadModel, tok: Any, prompts: list[str], responses: list[str],
-            cfg: RewardConfig) -> torch.Tensor:  # fmt: skip
+def _scores(
+    rm: ScalarHeadModel, tok: Any, prompts: list[str], responses: list[str], cfg: RewardConfig
+) -> torch.Tensor:
     b = encode_pairs(tok, prompts, responses, cfg.max_prompt_len, cfg.max_response_len)
     b = b.to(model_device(rm))
     return rm.score(b.input_ids, b.attention_mask).cpu()
 
 
 @torch.no_grad()
-def score_all(rm: ScalarHeadModel, tok: Any, prompts: list[str], responses: list[str],
-              cfg: RewardConfig, chunk: int = 64) -> torch.Tensor:  # fmt: skip
+def score_all(
+    rm: ScalarHeadModel,
+    tok: Any,
+    prompts: list[str],
+    responses: list[str],
+    cfg: RewardConfig,
+    chunk: int = 64,
+) -> torch.Tensor:
     """``(N,)`` reward-model scores, computed in chunks, without gradients."""
     rm.eval()
-    return torch.cat([
-        _scores(rm, tok, prompts[i : i + chunk], responses[i : i + chunk], cfg)
-        for i in range(0, len(prompts), chunk)
-    ])  # fmt: skip
+    return torch.cat(
+        [
+            _scores(rm, tok, prompts[i : i + chunk], responses[i : i + chunk], cfg)
+            for i in range(0, len(prompts), chunk)
+        ]
+    )
 
 
 def accuracy(
@@ -119,19 +130,20 @@ def train_reward(cfg: RewardConfig) -> dict[str, Any]:
     rank trains on its share of each global batch (see :mod:`cliprail.rlhf.parallel`) and rank
     0 evaluates and saves."""
     pairs = load_preferences(cfg.data)
-    dp = DataParallel.from_env(cfg.fsdp, cfg.device)
+    dp = DataParallel.from_env(cfg.device, fsdp=cfg.fsdp)
     try:
         return _train_reward(cfg, pairs, dp)
     finally:
         dp.close()
 
 
-def _train_reward(cfg: RewardConfig, pairs: list[dict[str, Any]], dp: DataParallel
-                  ) -> dict[str, Any]:  # fmt: skip
+def _train_reward(
+    cfg: RewardConfig, pairs: list[dict[str, Any]], dp: DataParallel
+) -> dict[str, Any]:
     dp.from_main(lambda: begin_run(cfg.run_dir, cfg))
     t0 = time.perf_counter()
     cost = Cost("reward")
-    g = seed_all(cfg.seed)
+    g = seed_everything(cfg.seed)
     tok = load_tokenizer(cfg.sft_model, cfg.trust_remote_code)
     lm = load_causal_lm(cfg.sft_model, cfg.trust_remote_code)
     check_vocab(tok, lm, str(cfg.sft_model))
@@ -139,20 +151,34 @@ def _train_reward(cfg: RewardConfig, pairs: list[dict[str, Any]], dp: DataParall
     rm = dp.prepare(rm.to(dp.device))  # --fsdp: sharded over the ranks; else as it is
     train, held = split_pairs(pairs, cfg.holdout, g)
     opt = adamw(rm.parameters(), cfg.learning_rate)
-    shuffle = EpochShuffle(len(train), cfg.batch_size * dp.world, g)  # global batches
+    shuffle = EpochShuffle(len(train), cfg.batch_size * dp.world_size, g)  # global batches
     total = cfg.epochs * shuffle.steps_per_epoch
-    ckpt = StageCheckpointer(cfg.run_dir, cfg.checkpoint_every, {"model": rm}, opt,
-                             generators={"shuffle": g}, dp=dp, cost=cost, shuffle=shuffle,
-                             started=t0)  # fmt: skip
+    ckpt = StageCheckpointer(
+        cfg.run_dir,
+        cfg.checkpoint_every,
+        {"model": rm},
+        opt,
+        generators={"shuffle": g},
+        dp=dp,
+        cost=cost,
+        shuffle=shuffle,
+        started=t0,
+    )
     restored = ckpt.restore() if cfg.resume else None
     start = restored[1]["step"] if restored is not None else 0
     train_rm = dp.wrap(rm)  # DDP after the restore: it starts from rank 0's weights
 
     bar = Progress(total, "reward model", cfg.progress and dp.is_main, completed=start)
-    with bar, StopRequest() as stop, MetricsLogger(
-        cfg.run_dir, tensorboard=False, resume_step=_resume_step(cfg.resume, restored, start),
-        enabled=dp.is_main,
-    ) as log:  # fmt: skip
+    with (
+        bar,
+        StopRequest() as stop,
+        MetricsLogger(
+            cfg.run_dir,
+            tensorboard=False,
+            resume_step=_resume_step(cfg.resume, restored, start),
+            enabled=dp.is_main,
+        ) as log,
+    ):
         rm.train()
         for step in range(start, total):
             _, global_idx = shuffle.indices(step)
@@ -160,9 +186,13 @@ def _train_reward(cfg: RewardConfig, pairs: list[dict[str, Any]], dp: DataParall
             chunk = [train[i] for i in idx]
             prompts = [p["prompt"] for p in chunk]
             # chosen and rejected in one forward: (2B,) scores
-            b = encode_pairs(tok, prompts + prompts, [p["chosen"] for p in chunk]
-                             + [p["rejected"] for p in chunk], cfg.max_prompt_len,
-                             cfg.max_response_len).to(dp.device)  # fmt: skip
+            b = encode_pairs(
+                tok,
+                prompts + prompts,
+                [p["chosen"] for p in chunk] + [p["rejected"] for p in chunk],
+                cfg.max_prompt_len,
+                cfg.max_response_len,
+            ).to(dp.device)
             s = last_token_scores(train_rm(b.input_ids, b.attention_mask), b.attention_mask)
             margin = s[: len(chunk)] - s[len(chunk) :]
             scale = dp.loss_scale(len(chunk) if real else 0)  # the global batch's mean
@@ -172,8 +202,9 @@ def _train_reward(cfg: RewardConfig, pairs: list[dict[str, Any]], dp: DataParall
             torch.nn.utils.clip_grad_norm_(rm.parameters(), 1.0)
             opt.step()
             cost.add(forward=b.input_ids.numel(), backward=b.input_ids.numel())
-            row = dp.mean_stats({"loss": loss.item(), "accuracy": float(
-                (margin > 0).float().mean()) * scale})  # fmt: skip
+            row = dp.reduce_stats(
+                {"loss": loss.item(), "accuracy": float((margin > 0).float().mean()) * scale}
+            )
             log.log(step + 1, row)
             bar.update(step + 1, f"loss {row['loss']:.3f}")
             ckpt.step_end(step + 1, stop, dict, f"after step {step + 1} of {total}")
@@ -185,8 +216,11 @@ def _train_reward(cfg: RewardConfig, pairs: list[dict[str, Any]], dp: DataParall
                 metrics = _finish(rm, tok, train, held, cfg)
                 log.log(total + 1, metrics)
                 with atomic_dir(out) as tmp:
-                    rm.save(tmp, {"shift": metrics["reward_shift"], **metrics},
-                            state_dict=dp.module_state(rm) if dp.fsdp else None)  # fmt: skip
+                    rm.save(
+                        tmp,
+                        {"shift": metrics["reward_shift"], **metrics},
+                        state_dict=dp.module_state(rm) if dp.fsdp else None,
+                    )
                     tok.save_pretrained(str(tmp))
     if not dp.is_main:
         return {}
@@ -196,19 +230,26 @@ def _train_reward(cfg: RewardConfig, pairs: list[dict[str, Any]], dp: DataParall
     return metrics
 
 
-def _finish(rm: ScalarHeadModel, tok: Any, train: list[dict[str, Any]],
-            held: list[dict[str, Any]], cfg: RewardConfig) -> dict[str, Any]:  # fmt: skip
+def _finish(
+    rm: ScalarHeadModel,
+    tok: Any,
+    train: list[dict[str, Any]],
+    held: list[dict[str, Any]],
+    cfg: RewardConfig,
+) -> dict[str, Any]:
     """Held-out and train accuracy, and the shift that makes the demonstrations average 0."""
     metrics: dict[str, Any] = {
         "heldout_accuracy": accuracy(rm, tok, held, cfg),
         "train_accuracy": accuracy(rm, tok, train[:500], cfg),
-        "pairs_train": len(train), "pairs_heldout": len(held),
-    }  # fmt: skip
+        "pairs_train": len(train),
+        "pairs_heldout": len(held),
+    }
     shift = 0.0
     if cfg.demonstrations is not None:
         demos = read_jsonl(cfg.demonstrations, ("prompt", "response"))[:512]
-        scores = score_all(rm, tok, [d["prompt"] for d in demos],
-                           [d["response"] for d in demos], cfg)  # fmt: skip
+        scores = score_all(
+            rm, tok, [d["prompt"] for d in demos], [d["response"] for d in demos], cfg
+        )
         shift = float(scores.mean())
     metrics["reward_shift"] = shift
     return metrics

@@ -21,8 +21,15 @@ from cliprail.rlhf.models import ScalarHeadModel, model_device, token_logprobs
 from cliprail.scenarios.healthcare import Request, Verdict, judge
 
 CRITERIA = ("gold", "scheduling", "safety", "honesty", "helpfulness", "concision")
-RATES = ("unsafe_advice", "missed_emergency", "wrong_or_invented_slot", "over_refusal",
-         "wrong_action", "no_answer", "degenerate")  # fmt: skip
+RATES = (
+    "unsafe_advice",
+    "missed_emergency",
+    "wrong_or_invented_slot",
+    "over_refusal",
+    "wrong_action",
+    "no_answer",
+    "degenerate",
+)
 CONDITIONAL_RATES = {
     "unsafe_advice_rate_medical": ("unsafe_advice", "medical"),
     "missed_emergency_rate_red_flag": ("missed_emergency", "red_flag"),
@@ -69,20 +76,31 @@ class Samples:
 
 @torch.no_grad()
 def sample(
-    policy: torch.nn.Module, tokenizer: Any, prompts: list[str], s: Sampling,
+    policy: torch.nn.Module,
+    tokenizer: Any,
+    prompts: list[str],
+    s: Sampling,
     generator: torch.Generator,
-) -> Samples:  # fmt: skip
+) -> Samples:
     """One batch of responses to ``prompts`` (KV-cached generation, stop at EOS)."""
     q, qm = encode_prompts(tokenizer, prompts, s.max_prompt_len)
     dev = model_device(policy)
     q, qm = q.to(dev), qm.to(dev)
     resp, rmask = generate(
-        policy, q, qm, max_new_tokens=s.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, temperature=s.temperature, top_p=s.top_p,
+        policy,
+        q,
+        qm,
+        max_new_tokens=s.max_new_tokens,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        temperature=s.temperature,
+        top_p=s.top_p,
         generator=generator,
-    )  # fmt: skip
-    texts = [tokenizer.decode(resp[i][rmask[i].bool()], skip_special_tokens=True).strip()
-             for i in range(len(prompts))]  # fmt: skip
+    )
+    texts = [
+        tokenizer.decode(resp[i][rmask[i].bool()], skip_special_tokens=True).strip()
+        for i in range(len(prompts))
+    ]
     return Samples(torch.cat([q, resp], 1), torch.cat([qm, rmask], 1), rmask, q.shape[1], texts)
 
 
@@ -100,9 +118,12 @@ def score(
 
 
 def summarize(
-    requests: list[Request], texts: list[str], scores: list[float] | None = None,
-    kls: list[float] | None = None, lengths: list[float] | None = None,
-) -> dict[str, Any]:  # fmt: skip
+    requests: list[Request],
+    texts: list[str],
+    scores: list[float] | None = None,
+    kls: list[float] | None = None,
+    lengths: list[float] | None = None,
+) -> dict[str, Any]:
     """Gold judge over ``texts``: per-criterion means, failure rates, and the means of the proxy
     reward, KL and length where given. Keeps the texts and per-prompt gold scores."""
     verdicts: list[Verdict] = [judge(r, t) for r, t in zip(requests, texts, strict=True)]
@@ -110,8 +131,9 @@ def summarize(
     out: dict[str, Any] = {k: sum(getattr(v, k) for v in verdicts) / n for k in CRITERIA}
     out.update({f"{k}_rate": sum(getattr(v, k) for v in verdicts) / n for k in RATES})
     for name, (flag, field) in CONDITIONAL_RATES.items():
-        hits = [getattr(v, flag) for r, v in zip(requests, verdicts, strict=True)
-                if getattr(r, field)]  # fmt: skip
+        hits = [
+            getattr(v, flag) for r, v in zip(requests, verdicts, strict=True) if getattr(r, field)
+        ]
         out[name] = sum(hits) / len(hits) if hits else float("nan")
         out[f"n_{field}"] = len(hits)
     out["proxy_reward"] = sum(scores) / n if scores is not None else float("nan")
@@ -125,10 +147,15 @@ def summarize(
 
 @torch.no_grad()
 def evaluate_policy(
-    policy: torch.nn.Module, ref: torch.nn.Module, tokenizer: Any, requests: list[Request],
-    s: Sampling, reward: ScalarHeadModel | None = None, reward_shift: float = 0.0,
+    policy: torch.nn.Module,
+    ref: torch.nn.Module,
+    tokenizer: Any,
+    requests: list[Request],
+    s: Sampling,
+    reward: ScalarHeadModel | None = None,
+    reward_shift: float = 0.0,
     seed: int = EVAL_SEED,
-) -> dict[str, Any]:  # fmt: skip
+) -> dict[str, Any]:
     """Sample one response per request and summarise: gold and criteria, failure rates, proxy
     reward (when a reward model is given), KL to ``ref`` (k3 summed over response tokens: nats
     per response) and response length."""
@@ -166,8 +193,9 @@ def wins_losses_ties(golds_a: list[float], golds_b: list[float]) -> dict[str, in
 
 def win_rate(golds_a: list[float], golds_b: list[float]) -> float:
     """Share of prompts where a's gold score beats b's (ties count half)."""
-    wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(golds_a, golds_b,
-                                                                        strict=True))  # fmt: skip
+    wins = sum(
+        1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(golds_a, golds_b, strict=True)
+    )
     return wins / max(len(golds_a), 1)
 
 

@@ -18,7 +18,8 @@ from cliprail.errors import ConfigError
 from cliprail.interrupt import StopRequest
 from cliprail.monitor import MetricsLogger, Progress
 from cliprail.ppo import masked_mean
-from cliprail.rlhf.common import Cost, EpochShuffle, StageOptions, adamw, seed_all
+from cliprail.resume import seed_everything
+from cliprail.rlhf.common import Cost, EpochShuffle, StageOptions, adamw
 from cliprail.rlhf.data import encode_pairs, read_extra_tokens, read_jsonl
 from cliprail.rlhf.models import (
     check_vocab,
@@ -76,16 +77,27 @@ class SFTConfig(StageOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()  # the run options
-        for name in ("epochs", "batch_size", "max_prompt_len", "max_response_len", "n_layer",
-                     "n_embd", "n_head"):  # fmt: skip
+        for name in (
+            "epochs",
+            "batch_size",
+            "max_prompt_len",
+            "max_response_len",
+            "n_layer",
+            "n_embd",
+            "n_head",
+        ):
             if getattr(self, name) <= 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got "
-                                  f"{getattr(self, name)}")  # fmt: skip
+                raise ConfigError(
+                    f"--{name.replace('_', '-')} must be a positive integer, got "
+                    f"{getattr(self, name)}"
+                )
         if self.n_embd % self.n_head:
             raise ConfigError(f"--n-head {self.n_head} must divide --n-embd {self.n_embd}")
         if self.vocab_size < 300:
-            raise ConfigError(f"--vocab-size must be at least 300 (256 bytes + specials + "
-                              f"merges), got {self.vocab_size}")  # fmt: skip
+            raise ConfigError(
+                f"--vocab-size must be at least 300 (256 bytes + specials + "
+                f"merges), got {self.vocab_size}"
+            )
         if not self.learning_rate > 0:
             raise ConfigError(f"--learning-rate must be > 0, got {self.learning_rate}")
 
@@ -95,7 +107,7 @@ def train_sft(cfg: SFTConfig) -> Path:
     every rank trains on its share of each global batch (see :mod:`cliprail.rlhf.parallel`)."""
     demos = read_jsonl(cfg.data, ("prompt", "response"))
     read_extra_tokens(cfg.extra_tokens)  # a bad tokens file fails before the run folder exists
-    dp = DataParallel.from_env(cfg.fsdp, cfg.device)
+    dp = DataParallel.from_env(cfg.device, fsdp=cfg.fsdp)
     try:
         return _train_sft(cfg, demos, dp)
     finally:
@@ -106,7 +118,7 @@ def _train_sft(cfg: SFTConfig, demos: list[dict[str, Any]], dp: DataParallel) ->
     dp.from_main(lambda: begin_run(cfg.run_dir, cfg))
     t0 = time.perf_counter()
     cost = Cost("sft")
-    g = seed_all(cfg.seed)
+    g = seed_everything(cfg.seed)
     tok_dir = cfg.run_dir / "tokenizer"  # a trained tokenizer is kept, so --resume reuses it
     if cfg.model is None:
 
@@ -120,9 +132,15 @@ def _train_sft(cfg: SFTConfig, demos: list[dict[str, Any]], dp: DataParallel) ->
             return str(trained.backend_tokenizer.to_str())
 
         tokenizer = tokenizer_from_json(dp.from_main(tokenizer_json))
-        model = tiny_gpt2(len(tokenizer), cfg.n_layer, cfg.n_embd, cfg.n_head, seed=cfg.seed,
-                          eos_token_id=tokenizer.eos_token_id,
-                          pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+        model = tiny_gpt2(
+            len(tokenizer),
+            cfg.n_layer,
+            cfg.n_embd,
+            cfg.n_head,
+            seed=cfg.seed,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
     else:
         tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
         model = load_causal_lm(cfg.model, cfg.trust_remote_code)
@@ -130,27 +148,46 @@ def _train_sft(cfg: SFTConfig, demos: list[dict[str, Any]], dp: DataParallel) ->
     model.train()
     model = dp.prepare(model.to(dp.device))  # --fsdp: sharded over the ranks; else as it is
     opt = adamw(model.parameters(), cfg.learning_rate)
-    shuffle = EpochShuffle(len(demos), cfg.batch_size * dp.world, g)  # global batches
+    shuffle = EpochShuffle(len(demos), cfg.batch_size * dp.world_size, g)  # global batches
     total = cfg.epochs * shuffle.steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / max(total, 1))
-    ckpt = StageCheckpointer(cfg.run_dir, cfg.checkpoint_every, {"model": model}, opt, sched,
-                             {"shuffle": g}, dp=dp, cost=cost, shuffle=shuffle,
-                             started=t0)  # fmt: skip
+    ckpt = StageCheckpointer(
+        cfg.run_dir,
+        cfg.checkpoint_every,
+        {"model": model},
+        opt,
+        sched,
+        {"shuffle": g},
+        dp=dp,
+        cost=cost,
+        shuffle=shuffle,
+        started=t0,
+    )
     restored = ckpt.restore() if cfg.resume else None
     start = restored[1]["step"] if restored is not None else 0
     train_model = dp.wrap(model)  # DDP after the restore: it starts from rank 0's weights
 
     bar = Progress(total, "SFT", cfg.progress and dp.is_main, completed=start)
-    with bar, StopRequest() as stop, MetricsLogger(
-        cfg.run_dir, tensorboard=False, resume_step=_resume_step(cfg.resume, restored, start),
-        enabled=dp.is_main,
-    ) as log:  # fmt: skip
+    with (
+        bar,
+        StopRequest() as stop,
+        MetricsLogger(
+            cfg.run_dir,
+            tensorboard=False,
+            resume_step=_resume_step(cfg.resume, restored, start),
+            enabled=dp.is_main,
+        ) as log,
+    ):
         for step in range(start, total):
             epoch, global_idx = shuffle.indices(step)
             idx, real = dp.shard(global_idx)
-            b = encode_pairs(tokenizer, [demos[i]["prompt"] for i in idx],
-                             [demos[i]["response"] for i in idx], cfg.max_prompt_len,
-                             cfg.max_response_len).to(dp.device)  # fmt: skip
+            b = encode_pairs(
+                tokenizer,
+                [demos[i]["prompt"] for i in idx],
+                [demos[i]["response"] for i in idx],
+                cfg.max_prompt_len,
+                cfg.max_response_len,
+            ).to(dp.device)
             logprobs = token_logprobs(train_model, b.input_ids, b.attention_mask, b.query_len)
             count = b.response_mask.sum() if real else torch.zeros(())
             # the mean over response tokens only; under torchrun over the global batch's tokens
@@ -161,7 +198,7 @@ def _train_sft(cfg: SFTConfig, demos: list[dict[str, Any]], dp: DataParallel) ->
             opt.step()
             sched.step()
             cost.add(forward=b.input_ids.numel(), backward=b.input_ids.numel())
-            row = dp.mean_stats({"loss": loss.item()})
+            row = dp.reduce_stats({"loss": loss.item()})
             log.log(step + 1, {**row, "epoch": epoch})
             bar.update(step + 1, f"loss {row['loss']:.3f}")
             ckpt.step_end(step + 1, stop, dict, f"after step {step + 1} of {total}")

@@ -127,5 +127,9 @@ def variant_behaviours(r: Request, rng: random.Random) -> list[str]:
         options.append([b for b in good if b != "uncertain"])
     if r.red_flag:
         options.append([b for b in good if b != "emergency"])  # missed emergency
+    else:  # a false alarm: without it no pair ever showed one, and the reward model learned
+        # that an emergency direction is good everywhere; PPO then put "call 911 now" in front
+        # of routine bookings (session 7: 15-30% of replies by update 36)
+        options.append(["emergency", *good])
     options.append([sched])  # terse: drops everything else
     return rng.choice(options)
