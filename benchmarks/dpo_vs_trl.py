@@ -22,8 +22,8 @@ the dataset and precomputes the reference log-probs) and ``train()``. Pairs per 
 pairs x epochs / that time; the last line is the ratio. With ``--repeats N`` the runs alternate
 (cliprail, TRL, cliprail, ...) and medians are reported. The share before the first optimizer
 step is printed for each, split into loading/tokenization and reference log-probs (cliprail:
-timestamps taken by thin wrappers around three functions ``train_dpo`` calls, restored after;
-TRL: a subclass that times ``_precompute_ref_logps``). After training, both policies are scored
+the phase timestamps the stage records in its ``stage.json``; TRL: a subclass that times
+``_precompute_ref_logps``). After training, both policies are scored
 by the same function, ``cliprail.rlhf.dpo.implicit_accuracy``: held-out implicit-reward accuracy
 against the same reference log-probs; the mean training loss over steps is printed too.
 
@@ -94,23 +94,20 @@ import json
 import os
 import shutil
 import statistics
-import tempfile
 import time
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from _common import THREADS, add_run_args, alternate, stage_record, work_folder, world_and_sft
 
-import cliprail.rlhf.dpo as dpo_module
 from cliprail.rlhf.common import Cost, split_pairs
 from cliprail.rlhf.data import load_preferences
-from cliprail.rlhf.dpo import DPOConfig, implicit_accuracy, train_dpo
+from cliprail.rlhf.dpo import DPOConfig, implicit_accuracy, pair_logps, train_dpo
 from cliprail.rlhf.models import load_causal_lm, load_tokenizer
 
-THREADS = 2
 REF_CHUNK = 64  # pairs per reference forward: cliprail's fixed chunk in _reference_logps
 
 
@@ -210,24 +207,7 @@ def check_trl_training(trainer: Any, steps: int) -> None:
 def build_setup(out: Path, args: argparse.Namespace) -> Setup:
     """World and SFT model with cliprail's own code (reused if already in out), the split, and
     the reference log-probs of the held-out pairs (untimed, used to score both policies)."""
-    from cliprail.rlhf.sft import SFTConfig, train_sft
-    from cliprail.scenarios.healthcare import BuildConfig, build
-
-    data = build(out / "data", BuildConfig(seed=args.seed))
-    sft = out / "sft" / "model"
-    if not (sft / "config.json").is_file():
-        shutil.rmtree(out / "sft", ignore_errors=True)
-        t0 = time.perf_counter()
-        sft = train_sft(
-            SFTConfig(
-                data=data["demonstrations"],
-                run_dir=out / "sft",
-                epochs=args.sft_epochs,
-                seed=args.seed,
-                progress=False,
-            )
-        )
-        print(f"setup: SFT model trained in {time.perf_counter() - t0:.0f} s (untimed)", flush=True)
+    data, sft = world_and_sft(out, args)
     pairs = load_preferences(data["preferences"])
     train, held = split_pairs(pairs, args.holdout, torch.Generator().manual_seed(args.seed))
     tok = load_tokenizer(sft)
@@ -239,7 +219,7 @@ def build_setup(out: Path, args: argparse.Namespace) -> Setup:
     )
     ref = load_causal_lm(sft).eval()
     cfg = cliprail_config(sft, data["preferences"], args, out / "unused")
-    ref_held = dpo_module.pair_logps(ref, tok, held, cfg, Cost("bench"))
+    ref_held = pair_logps(ref, tok, held, cfg, Cost("bench"))
     return Setup(data["preferences"], sft, train, held, ref_held)
 
 
@@ -254,60 +234,25 @@ class Result:
     loss: float  # mean training loss over steps
 
 
-@contextlib.contextmanager
-def cliprail_clock() -> Iterator[dict[str, float]]:
-    """Timestamps of ``train_dpo``'s phases, from wrappers around three functions it calls:
-    ``pair_logps`` (summed over the reference passes: the calls that count a cost), ``adamw``
-    (built right before the first step) and ``implicit_accuracy`` (first called right after the
-    last step). Restored on exit."""
-    names = ("pair_logps", "adamw", "implicit_accuracy")
-    orig = {n: getattr(dpo_module, n) for n in names}
-    marks: dict[str, float] = {"ref": 0.0}
-
-    def ref_logps(*a: Any, **k: Any) -> Any:
-        if "loop_start" in marks:  # after training: the accuracy's policy passes
-            return orig["pair_logps"](*a, **k)
-        t = time.perf_counter()
-        try:
-            return orig["pair_logps"](*a, **k)
-        finally:
-            marks["ref"] += time.perf_counter() - t
-
-    def adamw(*a: Any, **k: Any) -> Any:
-        marks["loop_start"] = time.perf_counter()
-        return orig["adamw"](*a, **k)
-
-    def accuracy(*a: Any, **k: Any) -> Any:
-        marks.setdefault("loop_end", time.perf_counter())
-        return orig["implicit_accuracy"](*a, **k)
-
-    for n, f in zip(names, (ref_logps, adamw, accuracy), strict=True):
-        setattr(dpo_module, n, f)
-    try:
-        yield marks
-    finally:
-        for n in names:
-            setattr(dpo_module, n, orig[n])
-
-
 def run_cliprail(setup: Setup, args: argparse.Namespace, rep: int) -> Result:
     torch.set_num_threads(THREADS)
     run_dir = Path(args.out) / f"dpo-cliprail-{rep}"
     shutil.rmtree(run_dir, ignore_errors=True)
     cfg = cliprail_config(setup.sft_model, setup.preferences, args, run_dir)
-    with cliprail_clock() as marks:
-        t0 = time.perf_counter()
-        metrics = train_dpo(cfg)
-        seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    metrics = train_dpo(cfg)
+    seconds = time.perf_counter() - t0
     assert metrics["pairs_train"] == len(setup.train), "cliprail split differs from the setup's"
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
+    stage = stage_record(run_dir)  # the stage's own phase timestamps, from its start
+    ph, before_stage = stage["phases"], seconds - stage["wall_s"]  # reading the pairs etc.
     return Result(
         pairs=len(setup.train) * args.epochs,
         seconds=seconds,
-        before=marks["loop_start"] - t0,
-        ref=marks["ref"],
-        loop=marks["loop_end"] - marks["loop_start"],
+        before=before_stage + ph["loop_start"],
+        ref=ph["reference_end"] - ph["reference_start"],
+        loop=ph["loop_end"] - ph["loop_start"],
         accuracy=float(metrics["heldout_implicit_accuracy"]),
         loss=statistics.fmean(losses),
     )
@@ -464,28 +409,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="cliprail's response cap in tokens with EOS (TRL: max_length = prompt cap + this); "
         "default 96, above this world's longest response, so neither side cuts one",
     )
-    ap.add_argument(
-        "--repeats",
-        type=int,
-        default=1,
-        help="runs per library, alternating cliprail and TRL; medians are reported; default 1",
-    )
-    ap.add_argument(
-        "--seed", type=int, default=0, help="seed of the world, SFT, split and both runs; default 0"
-    )
-    ap.add_argument(
-        "--sft-epochs",
-        type=int,
-        default=3,
-        help="SFT epochs of the shared policy (untimed setup); default 3",
-    )
-    ap.add_argument(
-        "--out",
-        type=Path,
-        default=None,
-        help="work folder (world, SFT model, DPO runs); an existing SFT model there is reused; "
-        "default a temporary folder, removed at the end",
-    )
+    add_run_args(ap, "world, SFT model, DPO runs")
     args = ap.parse_args(argv)
     for name in ("epochs", "batch_size", "repeats", "max_prompt_len", "max_response_len"):
         if getattr(args, name) <= 0:
@@ -497,12 +421,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    torch.set_num_threads(THREADS)
     os.environ.setdefault("TQDM_DISABLE", "1")  # TRL's reference-precompute bar
     with contextlib.ExitStack() as stack:
-        if args.out is None:
-            args.out = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dpo-bench-")))
-        args.out.mkdir(parents=True, exist_ok=True)
+        work_folder(stack, args, "dpo-bench-")
         import datasets  # imported before any timing: their imports are slow and not DPO work
         import transformers
         import trl
@@ -519,19 +440,16 @@ def main(argv: list[str] | None = None) -> None:
             f"step, lr {args.lr:g}, beta {args.beta:g}",
             flush=True,
         )
-        ours: list[Result] = []
-        theirs: list[Result] = []
-        for rep in range(args.repeats):
-            ours.append(run_cliprail(setup, args, rep))
-            theirs.append(run_trl(setup, args, rep))
-            if args.repeats > 1:
-                x, y = ours[-1], theirs[-1]
-                print(
-                    f"run {rep + 1}/{args.repeats}: cliprail {x.seconds:.1f} s, accuracy "
-                    f"{x.accuracy:.3f}; trl {y.seconds:.1f} s, accuracy {y.accuracy:.3f}; ratio "
-                    f"{(x.pairs / x.seconds) / (y.pairs / y.seconds):.1f}x",
-                    flush=True,
-                )
+        ours, theirs = alternate(
+            args.repeats,
+            lambda rep: run_cliprail(setup, args, rep),
+            lambda rep: run_trl(setup, args, rep),
+            lambda x, y: (
+                f"cliprail {x.seconds:.1f} s, accuracy {x.accuracy:.3f}; trl "
+                f"{y.seconds:.1f} s, accuracy {y.accuracy:.3f}; ratio "
+                f"{(x.pairs / x.seconds) / (y.pairs / y.seconds):.1f}x"
+            ),
+        )
         a, a_loop = summarise("cliprail", ours, "after training (final accuracies, save)")
         b, b_loop = summarise("trl", theirs, "after training")
         print(

@@ -82,12 +82,12 @@ import json
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from _common import THREADS, add_run_args, alternate, work_folder, world_and_sft
 from torch import nn
 
 from cliprail.rlhf.models import (
@@ -107,8 +107,6 @@ from cliprail.rlhf.ppo import (
 )
 from cliprail.scenarios.healthcare import Request
 
-THREADS = 2
-
 
 @dataclass(frozen=True)
 class Setup:
@@ -125,24 +123,8 @@ class Setup:
 def build_setup(out: Path, args: argparse.Namespace) -> Setup:
     """World, SFT model and reward model with cliprail's own code (reused if already in out)."""
     from cliprail.rlhf.reward import RewardConfig, train_reward
-    from cliprail.rlhf.sft import SFTConfig, train_sft
-    from cliprail.scenarios.healthcare import BuildConfig, build
 
-    data = build(out / "data", BuildConfig(seed=args.seed))
-    sft = out / "sft" / "model"
-    if not (sft / "config.json").is_file():
-        shutil.rmtree(out / "sft", ignore_errors=True)
-        t0 = time.perf_counter()
-        sft = train_sft(
-            SFTConfig(
-                data=data["demonstrations"],
-                run_dir=out / "sft",
-                epochs=args.sft_epochs,
-                seed=args.seed,
-                progress=False,
-            )
-        )
-        print(f"setup: SFT model trained in {time.perf_counter() - t0:.0f} s (untimed)", flush=True)
+    data, sft = world_and_sft(out, args)
     rm = out / "rm" / "model"
     if not (rm / HEAD_FILE).is_file():
         shutil.rmtree(out / "rm", ignore_errors=True)
@@ -476,24 +458,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="AdamW learning rate of policy and value model; default 3e-4",
     )
     ap.add_argument(
-        "--repeats",
-        type=int,
-        default=1,
-        help="runs per library, alternating cliprail and TRL; medians are reported; default 1",
-    )
-    ap.add_argument(
-        "--seed",
-        type=int,
-        default=0,
-        help="seed of the world, SFT, reward model and both PPO runs; default 0",
-    )
-    ap.add_argument(
-        "--sft-epochs",
-        type=int,
-        default=3,
-        help="SFT epochs of the shared policy (untimed setup); default 3",
-    )
-    ap.add_argument(
         "--rm-epochs", type=int, default=1, help="reward-model epochs (untimed setup); default 1"
     )
     ap.add_argument(
@@ -502,14 +466,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=120,
         help="held-out eval prompts for the gold score (untimed); default 120 (all of them)",
     )
-    ap.add_argument(
-        "--out",
-        type=Path,
-        default=None,
-        help="work folder (world, SFT, reward model, PPO runs); an existing SFT and "
-        "reward model there are reused; default a temporary folder, removed "
-        "at the end",
-    )
+    add_run_args(ap, "world, SFT, reward model, PPO runs")
     args = ap.parse_args(argv)
     if args.batch_size % args.minibatch_size:
         ap.error("--minibatch-size must divide --batch-size")
@@ -520,11 +477,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    torch.set_num_threads(THREADS)
     with contextlib.ExitStack() as stack:
-        if args.out is None:
-            args.out = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="rlhf-bench-")))
-        args.out.mkdir(parents=True, exist_ok=True)
+        work_folder(stack, args, "rlhf-bench-")
         import trl  # imported before any timing: its import is slow and not PPO work
         import trl.experimental.ppo
 
@@ -543,19 +497,15 @@ def main(argv: list[str] | None = None) -> None:
             f"{len(setup.held)} held-out prompts",
             flush=True,
         )
-        ours: list[Result] = []
-        theirs: list[Result] = []
-        for rep in range(args.repeats):
-            ours.append(run_cliprail(setup, args, rep, eval_models))
-            theirs.append(run_trl(setup, args, rep, eval_models))
-            if args.repeats > 1:
-                a, b = ours[-1], theirs[-1]
-                print(
-                    f"run {rep + 1}/{args.repeats}: cliprail {a.seconds:.1f} s, gold {a.gold:.3f};"
-                    f" trl {b.seconds:.1f} s, gold {b.gold:.3f}; ratio "
-                    f"{(a.episodes / a.seconds) / (b.episodes / b.seconds):.1f}x",
-                    flush=True,
-                )
+        ours, theirs = alternate(
+            args.repeats,
+            lambda rep: run_cliprail(setup, args, rep, eval_models),
+            lambda rep: run_trl(setup, args, rep, eval_models),
+            lambda a, b: (
+                f"cliprail {a.seconds:.1f} s, gold {a.gold:.3f}; trl {b.seconds:.1f} s, "
+                f"gold {b.gold:.3f}; ratio {(a.episodes / a.seconds) / (b.episodes / b.seconds):.1f}x"
+            ),
+        )
         a = summarise("cliprail", ours)
         b = summarise("trl", theirs)
         response_len = response_length_of(Path(args.out) / "ppo-cliprail-0")

@@ -40,6 +40,10 @@ def test_dpo_starts_at_the_reference_and_learns_the_pairs(pipeline, capsys):
     stage = json.loads((run / "stage.json").read_text())
     assert stage["stage"] == "dpo" and stage["tokens_backward"] > 0
     assert stage["tokens_forward"] > stage["tokens_backward"]  # + the reference pass
+    # the phases the benchmarks read (issue 14: they patched the stage's functions instead)
+    ph = stage["phases"]
+    assert 0 < ph["reference_start"] < ph["reference_end"] <= ph["loop_start"] < ph["loop_end"]
+    assert ph["loop_end"] <= stage["wall_s"] + 1e-6
 
 
 def test_best_of_n_and_compare_end_to_end(pipeline, capsys):
@@ -66,6 +70,8 @@ def test_best_of_n_and_compare_end_to_end(pipeline, capsys):
                  "--batch-size", "8", "--minibatch-size", "4", "--epochs", "1",
                  "--max-new-tokens", "12", "--eval-every", "1", "--eval-prompts", "8",
                  "--no-progress"]) == 0  # fmt: skip
+    ppo_phases = json.loads((ppo / "stage.json").read_text())["phases"]
+    assert 0 < ppo_phases["loop_start"] < ppo_phases["loop_end"]
     if not (pipeline / "dpo" / "stage.json").is_file():  # run alone: make the DPO run
         assert main(["rlhf", "dpo", "--data", p["pairs"], "--sft-model", p["sft"], "--run-dir",
                      str(pipeline / "dpo"), "--epochs", "1", "--no-progress"]) == 0  # fmt: skip

@@ -4,7 +4,8 @@ and run folders are the one resume layer's (:mod:`cliprail.resume`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -92,17 +93,28 @@ def split_pairs(
 
 @dataclass
 class Cost:
-    """What a stage spent: wall time and token positions through forward and backward passes
-    (padding included: it is computed). Evaluation passes are not counted."""
+    """What a stage spent: wall time, token positions through forward and backward passes
+    (padding included: it is computed; evaluation passes are not counted), and the phase
+    timestamps benchmarks read instead of timing the stage's functions from outside."""
 
     stage: str
     wall_s: float = 0.0
     tokens_forward: int = 0
     tokens_backward: int = 0
+    phases: dict[str, float] = field(default_factory=dict)
+    """Seconds from ``started`` to named points of this process's run: ``loop_start`` (the
+    first optimizer step is next), ``loop_end`` (the last one is done), and for DPO
+    ``reference_start`` / ``reference_end`` (the frozen reference's pass over every pair)."""
+    started: float = field(default_factory=time.perf_counter, repr=False, compare=False)
+    """``time.perf_counter()`` at the stage's start."""
 
     def add(self, forward: int = 0, backward: int = 0) -> None:
         self.tokens_forward += int(forward)
         self.tokens_backward += int(backward)
+
+    def mark(self, phase: str) -> None:
+        """Record that ``phase`` is reached now."""
+        self.phases[phase] = time.perf_counter() - self.started
 
     def state_dict(self) -> dict[str, Any]:
         return {"tokens_forward": self.tokens_forward, "tokens_backward": self.tokens_backward}
@@ -112,5 +124,7 @@ class Cost:
         self.tokens_backward = int(state["tokens_backward"])
 
     def write(self, run_dir: Path, **extra: Any) -> None:
-        """``<run_dir>/stage.json``: the stage's name and cost, for ``cliprail rlhf compare``."""
-        atomic_write_json(run_dir / "stage.json", {**self.__dict__, **extra})
+        """``<run_dir>/stage.json``: the stage's name, cost and phases, for ``rlhf compare``
+        and the benchmarks."""
+        record = {k: v for k, v in self.__dict__.items() if k != "started"}
+        atomic_write_json(run_dir / "stage.json", {**record, **extra})

@@ -185,10 +185,12 @@ def _train_dpo(
         reward = ScalarHeadModel.load(cfg.reward_model, cfg.trust_remote_code)
         reward = reward.to(dp.device).eval()
         shift = float(reward.meta(cfg.reward_model).get("shift", 0.0))
-    cost = Cost("dpo")
+    cost = Cost("dpo", started=t0)
     # the reference pass over every pair, once; under torchrun shared out over the ranks
+    cost.mark("reference_start")
     ref_train = dp.map_rows(lambda rows: pair_logps(ref, tok, rows, cfg, cost), train)
     ref_held = dp.map_rows(lambda rows: pair_logps(ref, tok, rows, cfg, cost), held)
+    cost.mark("reference_end")
     policy = dp.prepare(policy)  # --fsdp: sharded over the ranks; else as it is
     opt = adamw(policy.parameters(), cfg.learning_rate)
     shuffle = EpochShuffle(len(train), cfg.batch_size * dp.world_size, g)  # global batches
@@ -244,6 +246,7 @@ def _train_dpo(
     ):
         if start == 0:
             evaluate(0, 0, log)
+        cost.mark("loop_start")
         for step in range(start, total):
             epoch, global_idx = shuffle.indices(step)
             idx, real = dp.shard(global_idx)
@@ -276,6 +279,7 @@ def _train_dpo(
             if (step + 1) % shuffle.steps_per_epoch == 0:  # the epoch's evaluation, then save
                 evaluate(epoch + 1, step + 1, log)
             ckpt.step_end(step + 1, stop, snapshot, f"after step {step + 1} of {total}")
+        cost.mark("loop_end")
         bar.close()
         ckpt.total_cost()
         out = cfg.run_dir / "model"

@@ -500,11 +500,13 @@ def _train_ppo(
     dp: DataParallel,
     held_split: str,
 ) -> dict[str, Any]:
+    t_start = time.perf_counter()
     dp.from_main(lambda: begin_run(cfg.run_dir, cfg))
     g = seed_everything(cfg.seed)
     if dp.rank:  # each rank samples its own tokens (rank 0: the single-process stream)
         g.manual_seed(cfg.seed + dp.rank)
     m = load_models(cfg, dp.device)
+    m.cost.started = t_start
     m.dp = dp
     m.policy, m.value = dp.prepare(m.policy), dp.prepare(m.value)  # --fsdp: shard; else as is
     params = [p for p in [*m.policy.parameters(), *m.value.parameters()] if p.requires_grad]
@@ -600,6 +602,7 @@ def _train_ppo(
     ):
         if cfg.eval_every and start == 0:
             fuse_halts(0, log)
+        m.cost.mark("loop_start")
         for update in range(start + 1, n_updates + 1):
             sampled = rng.sample(train, min(global_batch, len(train)))  # the same on every rank
             prompts = [r.prompt for r in dp.shard(sampled)[0]]
@@ -624,6 +627,7 @@ def _train_ppo(
             if halt:
                 break
             ckpt.step_end(update, stop, snapshot, f"after update {update} of {n_updates}")
+    m.cost.mark("loop_end")
     ckpt.total_cost()
     return _finish(m, cfg, fuse, ckpt.wall_s())
 

@@ -142,7 +142,7 @@ def _train_reward(
 ) -> dict[str, Any]:
     dp.from_main(lambda: begin_run(cfg.run_dir, cfg))
     t0 = time.perf_counter()
-    cost = Cost("reward")
+    cost = Cost("reward", started=t0)
     g = seed_everything(cfg.seed)
     tok = load_tokenizer(cfg.sft_model, cfg.trust_remote_code)
     lm = load_causal_lm(cfg.sft_model, cfg.trust_remote_code)
@@ -180,6 +180,7 @@ def _train_reward(
         ) as log,
     ):
         rm.train()
+        cost.mark("loop_start")
         for step in range(start, total):
             _, global_idx = shuffle.indices(step)
             idx, real = dp.shard(global_idx)
@@ -208,6 +209,7 @@ def _train_reward(
             log.log(step + 1, row)
             bar.update(step + 1, f"loss {row['loss']:.3f}")
             ckpt.step_end(step + 1, stop, dict, f"after step {step + 1} of {total}")
+        cost.mark("loop_end")
         bar.close()
         ckpt.total_cost()
         out = cfg.run_dir / "model"

@@ -117,7 +117,7 @@ def train_sft(cfg: SFTConfig) -> Path:
 def _train_sft(cfg: SFTConfig, demos: list[dict[str, Any]], dp: DataParallel) -> Path:
     dp.from_main(lambda: begin_run(cfg.run_dir, cfg))
     t0 = time.perf_counter()
-    cost = Cost("sft")
+    cost = Cost("sft", started=t0)
     g = seed_everything(cfg.seed)
     tok_dir = cfg.run_dir / "tokenizer"  # a trained tokenizer is kept, so --resume reuses it
     if cfg.model is None:
@@ -178,6 +178,7 @@ def _train_sft(cfg: SFTConfig, demos: list[dict[str, Any]], dp: DataParallel) ->
             enabled=dp.is_main,
         ) as log,
     ):
+        cost.mark("loop_start")
         for step in range(start, total):
             epoch, global_idx = shuffle.indices(step)
             idx, real = dp.shard(global_idx)
@@ -202,6 +203,7 @@ def _train_sft(cfg: SFTConfig, demos: list[dict[str, Any]], dp: DataParallel) ->
             log.log(step + 1, {**row, "epoch": epoch})
             bar.update(step + 1, f"loss {row['loss']:.3f}")
             ckpt.step_end(step + 1, stop, dict, f"after step {step + 1} of {total}")
+    cost.mark("loop_end")
     out = cfg.run_dir / "model"
     with dp.gathered(model):
         if dp.is_main:
