@@ -134,3 +134,39 @@ def test_help_text_does_not_break_mid_sentence(argv, capsys, monkeypatch):
         if a and b and a[-1].isalpha() and not b[0].isalpha() and not b.startswith(("-", "(def"))
     ]
     assert not broken, broken[:3]
+
+
+def test_finished_episodes_without_the_mask_means_every_env():
+    """`rl eval` re-implemented this and indexed ``final_info["_episode"]`` (a KeyError when a
+    vector env leaves the mask out); both now use the one helper, which also names the env."""
+    import numpy as np
+
+    from cliprail.rl.evaluate import finished_episodes
+
+    ep = {"r": np.array([1.5, 2.0]), "l": np.array([3, 4])}
+    assert finished_episodes({"final_info": {"episode": ep}}) == [(0, 1.5, 3), (1, 2.0, 4)]
+    masked = {"final_info": {"episode": ep, "_episode": np.array([False, True])}}
+    assert finished_episodes(masked) == [(1, 2.0, 4)]
+    assert finished_episodes({}) == []
+
+
+def test_one_process_is_a_world_of_one_not_none():
+    """Trainers branched on ``dist is None`` about fifteen times; a single process now gets a
+    Distributed of world size 1 whose collectives are the single-process computations."""
+    from cliprail.distributed import Distributed
+    from cliprail.interrupt import StopRequest
+    from cliprail.ppo import explained_variance, masked_whiten
+
+    d = Distributed.from_env("cpu")
+    assert d.world_size == 1 and d.is_main and not d.distributed
+    x = torch.randn(7, generator=torch.Generator().manual_seed(0))
+    m = torch.tensor([1, 1, 0, 1, 1, 1, 0], dtype=torch.bool)
+    torch.testing.assert_close(d.whiten(x, m), masked_whiten(x, m), rtol=0, atol=0)
+    y = x + 0.1
+    assert d.explained_variance(x, y) == float(explained_variance(x, y))
+    assert d.gather_objects({"a": 1}) == [{"a": 1}] and d.from_main(lambda: 3) == 3
+    assert d.reduce_stats({"k_min": 1.0}) == {"k_min": 1.0} and d.update_sync() is None
+    stop = StopRequest()
+    assert not d.stop_agreed(stop)
+    stop.signum = 15
+    assert d.stop_agreed(stop)

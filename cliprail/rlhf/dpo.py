@@ -23,8 +23,7 @@ import torch
 
 from cliprail.checkpoint import atomic_dir, atomic_write_json
 from cliprail.errors import ConfigError
-from cliprail.interrupt import StopRequest
-from cliprail.monitor import MetricsLogger, Progress
+from cliprail.monitor import MetricsLogger
 from cliprail.ppo import clip_grad_norm, dpo_loss, masked_mean, masked_sum
 from cliprail.resume import seed_everything
 from cliprail.rlhf.common import (
@@ -45,7 +44,6 @@ from cliprail.rlhf.models import (
 )
 from cliprail.rlhf.parallel import DataParallel
 from cliprail.rlhf.resume import StageCheckpointer, begin_run
-from cliprail.rlhf.resume import resume_step as _resume_step
 from cliprail.rlhf.sampling import Sampling, evaluate_policy, load_requests, validation_requests
 from cliprail.scenarios.healthcare import Request
 
@@ -233,17 +231,7 @@ def _train_dpo(
         evals.append(rec)
         log.log(step, {f"eval/{k}": v for k, v in rec.items()})
 
-    bar = Progress(total, "DPO", cfg.progress and dp.is_main, completed=start)
-    with (
-        bar,
-        StopRequest() as stop,
-        MetricsLogger(
-            cfg.run_dir,
-            tensorboard=True,
-            resume_step=_resume_step(cfg.resume, restored, start),
-            enabled=dp.is_main,
-        ) as log,
-    ):
+    with ckpt.session(cfg, "DPO", total, start, restored, tensorboard=True) as (bar, stop, log):
         if start == 0:
             evaluate(0, 0, log)
         cost.mark("loop_start")

@@ -25,8 +25,7 @@ from torch import Tensor
 
 from cliprail.checkpoint import atomic_dir, atomic_write_json
 from cliprail.errors import ConfigError
-from cliprail.interrupt import StopRequest
-from cliprail.monitor import MetricsLogger, Progress
+from cliprail.monitor import MetricsLogger
 from cliprail.ppo import (
     FixedKLController,
     NonFiniteError,
@@ -54,7 +53,6 @@ from cliprail.rlhf.models import (
 )
 from cliprail.rlhf.parallel import DataParallel
 from cliprail.rlhf.resume import StageCheckpointer, begin_run
-from cliprail.rlhf.resume import resume_step as _resume_step
 from cliprail.rlhf.sampling import Sampling, load_requests, sample, score, validation_requests
 from cliprail.scenarios.healthcare import Request
 
@@ -544,7 +542,6 @@ def _train_ppo(
         skipped_in_row = state["skipped_in_row"]
         kl_ctl.load_state_dict(state["kl_controller"])
     m.train_policy, m.train_value = dp.wrap(m.policy), dp.wrap(m.value)  # after the restore
-    bar = Progress(n_updates, "PPO", cfg.progress and dp.is_main, completed=start)
     t0 = time.perf_counter()
 
     def snapshot() -> dict[str, Any]:
@@ -590,16 +587,8 @@ def _train_ppo(
         with dp.gathered(m.policy):
             return dp.from_main(lambda: run_fuse(update, log))
 
-    with (
-        bar,
-        StopRequest() as stop,
-        MetricsLogger(
-            cfg.run_dir,
-            tensorboard=True,
-            resume_step=_resume_step(cfg.resume, restored, start * global_batch),
-            enabled=dp.is_main,
-        ) as log,
-    ):
+    with ckpt.session(cfg, "PPO", n_updates, start, restored, tensorboard=True,
+                      metrics_step=start * global_batch) as (bar, stop, log):  # fmt: skip
         if cfg.eval_every and start == 0:
             fuse_halts(0, log)
         m.cost.mark("loop_start")

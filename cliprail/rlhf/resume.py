@@ -15,8 +15,9 @@ The loop calls :meth:`StageCheckpointer.step_end` after every step (the tests'
 
 from __future__ import annotations
 
+import contextlib
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ import torch
 
 from cliprail.errors import CheckpointError
 from cliprail.interrupt import StopRequest
+from cliprail.monitor import MetricsLogger, Progress
 from cliprail.resume import (
     RUN_OPTIONS,
     Checkpointer,
@@ -163,6 +165,28 @@ class StageCheckpointer:
     def wall_s(self) -> float:
         """Wall seconds of the whole run so far, earlier (resumed-from) processes included."""
         return self.ckpt.wall_s()
+
+    @contextlib.contextmanager
+    def session(
+        self,
+        cfg: Any,
+        title: str,
+        total: int,
+        start: int,
+        restored: object | None,
+        tensorboard: bool,
+        metrics_step: int | None = None,
+    ) -> Iterator[tuple[Progress, StopRequest, MetricsLogger]]:
+        """The stage loop's progress bar (``total`` steps, ``start`` done), signal handler and
+        metrics log (cut back to the restored step, ``metrics_step`` when it counts something
+        else than steps), on rank 0 only where it writes; each closed on the way out."""
+        cut = resume_step(cfg.resume, restored, start if metrics_step is None else metrics_step)
+        with (
+            Progress(total, title, cfg.progress and self.dp.is_main, completed=start) as bar,
+            StopRequest() as stop,
+            MetricsLogger(cfg.run_dir, tensorboard, cut, enabled=self.dp.is_main) as log,
+        ):
+            yield bar, stop, log
 
     def step_end(
         self, step: int, stop: StopRequest, state: Callable[[], dict[str, Any]], where: str

@@ -17,8 +17,6 @@ import torch.nn.functional as F
 
 from cliprail.checkpoint import atomic_dir, atomic_write_json
 from cliprail.errors import ConfigError
-from cliprail.interrupt import StopRequest
-from cliprail.monitor import MetricsLogger, Progress
 from cliprail.resume import seed_everything
 from cliprail.rlhf.common import (
     Cost,
@@ -38,7 +36,6 @@ from cliprail.rlhf.models import (
 )
 from cliprail.rlhf.parallel import DataParallel
 from cliprail.rlhf.resume import StageCheckpointer, begin_run
-from cliprail.rlhf.resume import resume_step as _resume_step
 
 
 @dataclass(frozen=True)
@@ -168,16 +165,10 @@ def _train_reward(
     start = restored[1]["step"] if restored is not None else 0
     train_rm = dp.wrap(rm)  # DDP after the restore: it starts from rank 0's weights
 
-    bar = Progress(total, "reward model", cfg.progress and dp.is_main, completed=start)
-    with (
+    with ckpt.session(cfg, "reward model", total, start, restored, tensorboard=False) as (
         bar,
-        StopRequest() as stop,
-        MetricsLogger(
-            cfg.run_dir,
-            tensorboard=False,
-            resume_step=_resume_step(cfg.resume, restored, start),
-            enabled=dp.is_main,
-        ) as log,
+        stop,
+        log,
     ):
         rm.train()
         cost.mark("loop_start")

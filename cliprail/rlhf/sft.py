@@ -15,8 +15,6 @@ import torch
 
 from cliprail.checkpoint import atomic_dir
 from cliprail.errors import ConfigError
-from cliprail.interrupt import StopRequest
-from cliprail.monitor import MetricsLogger, Progress
 from cliprail.ppo import masked_mean
 from cliprail.resume import seed_everything
 from cliprail.rlhf.common import Cost, EpochShuffle, StageOptions, adamw
@@ -32,7 +30,6 @@ from cliprail.rlhf.models import (
 )
 from cliprail.rlhf.parallel import DataParallel
 from cliprail.rlhf.resume import StageCheckpointer, begin_run
-from cliprail.rlhf.resume import resume_step as _resume_step
 
 
 @dataclass(frozen=True)
@@ -167,17 +164,7 @@ def _train_sft(cfg: SFTConfig, demos: list[dict[str, Any]], dp: DataParallel) ->
     start = restored[1]["step"] if restored is not None else 0
     train_model = dp.wrap(model)  # DDP after the restore: it starts from rank 0's weights
 
-    bar = Progress(total, "SFT", cfg.progress and dp.is_main, completed=start)
-    with (
-        bar,
-        StopRequest() as stop,
-        MetricsLogger(
-            cfg.run_dir,
-            tensorboard=False,
-            resume_step=_resume_step(cfg.resume, restored, start),
-            enabled=dp.is_main,
-        ) as log,
-    ):
+    with ckpt.session(cfg, "SFT", total, start, restored, tensorboard=False) as (bar, stop, log):
         cost.mark("loop_start")
         for step in range(start, total):
             epoch, global_idx = shuffle.indices(step)
