@@ -503,7 +503,8 @@ def main(argv: list[str] | None = None) -> None:
             lambda rep: run_trl(setup, args, rep, eval_models),
             lambda a, b: (
                 f"cliprail {a.seconds:.1f} s, gold {a.gold:.3f}; trl {b.seconds:.1f} s, "
-                f"gold {b.gold:.3f}; ratio {(a.episodes / a.seconds) / (b.episodes / b.seconds):.1f}x"
+                f"gold {b.gold:.3f}; ratio "
+                f"{(a.episodes / a.seconds) / (b.episodes / b.seconds):.1f}x"
             ),
         )
         a = summarise("cliprail", ours)
