@@ -74,7 +74,8 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=2, help="runs in parallel (one core each)")
     ap.add_argument("--out", type=Path, default=Path("runs/mujoco_paper"), help="runs folder")
     args = ap.parse_args()
-    jobs = [(e, s) for e in args.envs for s in range(1, args.seeds + 1)]
+    # seed-major: every task gets its first seed before any task gets its second
+    jobs = [(e, s) for s in range(1, args.seeds + 1) for e in args.envs]
     with ThreadPoolExecutor(args.jobs) as pool:
         results = list(pool.map(lambda j: run_one(j[0], j[1], args.steps, args.out), jobs))
     by_env: dict[str, list[tuple[float, float]]] = {}

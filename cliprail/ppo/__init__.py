@@ -2,6 +2,12 @@
 signature, and the minibatch update loop. Depends on torch alone."""
 
 from cliprail.ppo.advantages import gae
+from cliprail.ppo.critic_free import (
+    group_relative_advantages,
+    reinforce_pp_advantages,
+    rloo_advantages,
+    zero_variance_groups,
+)
 from cliprail.ppo.flat import flatten_parameters
 from cliprail.ppo.kl import (
     AdaptiveKLController,
@@ -13,9 +19,12 @@ from cliprail.ppo.kl import (
     kl_k3,
 )
 from cliprail.ppo.losses import (
+    LOSS_AGGREGATIONS,
+    aggregate_loss,
     clipped_surrogate,
     entropy_bonus,
     kl_penalized_surrogate,
+    kl_penalty,
     plain_surrogate,
     value_loss,
 )
@@ -41,12 +50,14 @@ from cliprail.ppo.update import (
 )
 
 __all__ = [
+    "LOSS_AGGREGATIONS",
     "AdaptiveKLController",
     "FixedKLController",
     "NonFiniteError",
     "UpdateResult",
     "UpdateSync",
     "ZieglerKLController",
+    "aggregate_loss",
     "best_of_n_kl",
     "best_of_n_kl_estimate",
     "clip_grad_norm",
@@ -57,11 +68,13 @@ __all__ = [
     "flatten_parameters",
     "fused_or_plain",
     "gae",
+    "group_relative_advantages",
     "kl_estimate",
     "kl_k1",
     "kl_k2",
     "kl_k3",
     "kl_penalized_surrogate",
+    "kl_penalty",
     "linear_anneal",
     "masked_count",
     "masked_mean",
@@ -70,7 +83,10 @@ __all__ = [
     "masked_whiten",
     "plain_surrogate",
     "ppo_update",
+    "reinforce_pp_advantages",
+    "rloo_advantages",
     "set_learning_rate",
     "value_loss",
     "zero_grads",
+    "zero_variance_groups",
 ]
