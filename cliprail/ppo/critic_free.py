@@ -45,6 +45,7 @@ def group_relative_advantages(
     *,
     scale: GroupScale = "group",
     eps: float = 1e-4,
+    batch_std: Tensor | None = None,
 ) -> Tensor:
     """GRPO's outcome advantages ``(N, G)``: each score minus its group's mean, then scaled.
 
@@ -58,6 +59,8 @@ def group_relative_advantages(
             2025: the per-group std is a question-difficulty bias).
         eps: added to the std (GRPO's and TRL's 1e-4), so a group whose responses all scored the
             same (std 0) gets advantages 0, not NaN.
+        batch_std: for ``scale="batch"`` when the batch is split over data-parallel ranks: the
+            std over every rank's scores (default: the std of ``scores``).
 
     Returns:
         ``(N, G)`` advantages; 0 where ``mask`` is false and in a group with one counted response
@@ -79,7 +82,8 @@ def group_relative_advantages(
         var = (centred**2).sum(1, keepdim=True) / (count - 1).clamp_min(1)  # (N, 1) unbiased
         denom = var.sqrt() + eps  # (N, 1)
     elif scale == "batch":
-        denom = masked_var(scores, valid).sqrt() + eps  # ()
+        std = masked_var(scores, valid).sqrt() if batch_std is None else batch_std
+        denom = std.to(scores.dtype) + eps  # ()
     elif scale == "none":
         denom = one
     else:

@@ -104,6 +104,7 @@ def ppo_update(
     generator: torch.Generator | None = None,
     max_nonfinite_in_row: int = 10,
     sync: UpdateSync | None = None,
+    group_size: int = 1,
 ) -> UpdateResult:
     """Run ``epochs`` passes of shuffled minibatch updates over ``batch``.
 
@@ -133,6 +134,10 @@ def ppo_update(
             gradients are averaged over workers before clipping, and the early stop and the
             non-finite skip are decided on values agreed by all workers. ``stats`` stay local
             (the caller averages them over workers for logging).
+        group_size: rows ``i * G .. i * G + G - 1`` are one group (the G responses to one prompt
+            of GRPO and RLOO) and stay together: the shuffle permutes whole groups, so every
+            minibatch holds whole groups. Must divide ``minibatch_size``. 1 (the default)
+            shuffles rows, with exactly the same draws as before groups existed.
 
     Returns:
         An :class:`UpdateResult`.
@@ -140,11 +145,17 @@ def ppo_update(
     params = [p for p in params if p.requires_grad]
     batch_size = _batch_size(batch)
     _check_sizes(batch_size, minibatch_size)
+    if group_size < 1 or minibatch_size % group_size:
+        raise ValueError(
+            f"group_size {group_size} must be positive and divide minibatch_size {minibatch_size}"
+        )
     result = UpdateResult()
     logged: dict[str, list[Tensor]] = {}
     nonfinite_in_row = 0
     for _epoch in range(epochs):
-        perm = torch.randperm(batch_size, generator=generator)
+        perm = torch.randperm(batch_size // group_size, generator=generator)
+        if group_size > 1:  # whole groups: group k's rows k*G .. k*G+G-1, in order
+            perm = (perm[:, None] * group_size + torch.arange(group_size)).flatten()
         shuffled = {k: v[perm.to(v.device)] for k, v in batch.items()}
         for start in range(0, batch_size, minibatch_size):
             minibatch = {k: v[start : start + minibatch_size] for k, v in shuffled.items()}

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from cliprail.checkpoint import atomic_dir, atomic_write_json
+from cliprail.distributed import moments_mean_var
 from cliprail.errors import ConfigError
 from cliprail.monitor import MetricsLogger
 from cliprail.ppo import (
@@ -33,10 +34,16 @@ from cliprail.ppo import (
     clipped_surrogate,
     entropy_bonus,
     gae,
+    group_relative_advantages,
     kl_estimate,
+    kl_penalty,
+    masked_sum,
     masked_whiten,
     ppo_update,
+    reinforce_pp_advantages,
+    rloo_advantages,
     value_loss,
+    zero_variance_groups,
 )
 from cliprail.resume import seed_everything
 from cliprail.rlhf import sampling
@@ -118,6 +125,46 @@ class PPOConfig(StageOptions):
     disables the clip (the norm is still logged)."""
     target_kl: float | None = None
     """Stop an update early when a minibatch's approx KL to the rollout policy exceeds this."""
+    advantage: Literal["gae", "grpo", "rloo", "reinforce_pp"] = "gae"
+    """How each token's advantage is estimated. gae: PPO with a critic (the value model, started
+    from the reward model; GAE over tokens). grpo: each response's reward minus its group's
+    mean, over the group's std (Shao et al. 2024; --group-scale none is Dr. GRPO). rloo: minus
+    the mean of the other responses to the same prompt (Ahmadian et al. 2024). reinforce_pp:
+    the sum of the per-token rewards from each token on, whitened over the batch (Hu 2025).
+    The three critic-free ones load, train and checkpoint no value model."""
+    group_size: int = 1
+    """Responses sampled per prompt (G): a rollout is --batch-size responses to --batch-size / G
+    prompts, each prompt's G kept together on one rank and in one minibatch. grpo and rloo need
+    G >= 2."""
+    group_scale: Literal["group", "batch", "none"] = "group"
+    """grpo's divisor: the group's std (GRPO), the std over the whole batch (TRL's
+    scale_rewards='batch'), or none (Dr. GRPO, Liu et al. 2025)."""
+    filter_zero_variance: bool = False
+    """Drop from the update every group whose responses all got the same reward-model score
+    (their group-relative advantages are 0: DAPO's dynamic sampling, Yu et al. 2025, without
+    the resampling). Counted either way (zero_variance_groups in metrics.jsonl)."""
+    loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = "token_mean"
+    """How the per-token losses become one: the mean over every token of the batch (DAPO), the
+    mean over responses of each response's token mean (GRPO; a length bias, Dr. GRPO section
+    3.1), or each response's token sum over --max-new-tokens, averaged (Dr. GRPO)."""
+    clip_range_high: float | None = None
+    """Upper clip epsilon when it differs from --clip-range (DAPO's clip-higher: 0.28)."""
+    dual_clip: float | None = None
+    """Dual-clip constant c > 1: bounds the objective of a negative advantage below by c * A
+    (Ye et al. 2020; verl uses 3). None: off."""
+    ratio_level: Literal["token", "sequence"] = "token"
+    """Importance ratio per token (PPO) or per response, the geometric mean of its tokens'
+    (GSPO, Zheng et al. 2025; pair it with a clip range near 4e-4)."""
+    kl_in: Literal["reward", "loss"] = "reward"
+    """Where the KL to the reference acts: in the per-token reward (--kl-estimator; Ziegler et
+    al. 2019, InstructGPT) or as a loss term beside the surrogate (--kl-loss-estimator; GRPO)."""
+    kl_loss_estimator: Literal["k1", "k2", "k3"] = "k3"
+    """The KL estimator of --kl-in loss. k3 is GRPO's, whose gradient is that of KL(ref || pi);
+    k2's gradient is that of KL(pi || ref); k1's is 0 in expectation (Tang and Munos 2025)."""
+    critic_warmup: int = 0
+    """gae only: the first this many updates train the value model alone (the policy is not
+    stepped), so the critic fits the SFT policy's returns before the policy moves (NeMo RL,
+    VAPO, Yue et al. 2025)."""
     eval_every: int = 4
     """Run the safety fuse every this many updates (0: never)."""
     eval_prompts: int = 64
@@ -174,6 +221,40 @@ class PPOConfig(StageOptions):
             raise ConfigError("--eval-every must be >= 0, --eval-prompts and --fuse-patience > 0")
         if self.kl_budget is not None and not self.kl_budget >= 0:
             raise ConfigError(f"--kl-budget must be >= 0 nats, got {self.kl_budget}")
+        self._check_family()
+
+    def _check_family(self) -> None:
+        """The critic-free advantages and loss options (issue 16)."""
+        g = self.group_size
+        if g < 1:
+            raise ConfigError(f"--group-size must be >= 1, got {g}")
+        if self.batch_size % g or self.minibatch_size % g:
+            raise ConfigError(
+                f"--group-size {g} must divide --batch-size {self.batch_size} and "
+                f"--minibatch-size {self.minibatch_size} (a prompt's responses stay together)"
+            )
+        if self.advantage in ("grpo", "rloo") and g < 2:
+            raise ConfigError(
+                f"--advantage {self.advantage} compares responses to the same prompt: "
+                f"--group-size must be >= 2, got {g}"
+            )
+        if self.filter_zero_variance and g < 2:
+            raise ConfigError("--filter-zero-variance needs --group-size >= 2")
+        if self.critic_warmup < 0:
+            raise ConfigError(f"--critic-warmup must be >= 0, got {self.critic_warmup}")
+        if self.critic_warmup and not self.uses_critic:
+            raise ConfigError(
+                f"--critic-warmup trains the value model; --advantage {self.advantage} has none"
+            )
+        if self.clip_range_high is not None and not self.clip_range_high > 0:
+            raise ConfigError(f"--clip-range-high must be > 0, got {self.clip_range_high}")
+        if self.dual_clip is not None and not self.dual_clip > 1:
+            raise ConfigError(f"--dual-clip must be > 1 (or None), got {self.dual_clip}")
+
+    @property
+    def uses_critic(self) -> bool:
+        """Whether a value model is loaded, trained and checkpointed (GAE only)."""
+        return self.advantage == "gae"
 
     def sampling(self) -> Sampling:
         return Sampling(
@@ -193,7 +274,8 @@ class Models:
     tokenizer: Any
     policy: torch.nn.Module
     ref: torch.nn.Module
-    value: ScalarHeadModel
+    value: ScalarHeadModel | None
+    """The critic; None for the critic-free advantages (grpo, rloo, reinforce_pp)."""
     reward: ScalarHeadModel
     reward_shift: float = 0.0
     cost: Cost = field(default_factory=lambda: Cost("ppo"))
@@ -210,11 +292,19 @@ def load_models(cfg: PPOConfig, device: torch.device | str = "cpu") -> Models:
     check_vocab(tok, policy, str(cfg.sft_model))
     ref = copy.deepcopy(policy).requires_grad_(False)
     reward = ScalarHeadModel.load(cfg.reward_model, cfg.trust_remote_code).requires_grad_(False)
-    value = ScalarHeadModel.load(cfg.reward_model, cfg.trust_remote_code)  # init from the RM
+    value = (  # init from the RM (Huang et al. 2024); no critic at all without GAE (issue 16)
+        ScalarHeadModel.load(cfg.reward_model, cfg.trust_remote_code) if cfg.uses_critic else None
+    )
     shift = float(reward.meta(cfg.reward_model).get("shift", 0.0))
     for m in (policy, ref, reward, value):
-        m.to(device).eval()  # dropout off in every model (Huang et al. 2024)
+        if m is not None:
+            m.to(device).eval()  # dropout off in every model (Huang et al. 2024)
     return Models(tok, policy, ref, value, reward, shift)
+
+
+def trained_modules(m: Models) -> dict[str, torch.nn.Module]:
+    """The models PPO trains and checkpoints: the policy, and the value model when there is one."""
+    return {"policy": m.policy} | ({"value": m.value} if m.value is not None else {})
 
 
 @dataclass
@@ -239,15 +329,22 @@ def values_of(value_model: ScalarHeadModel, ids: Tensor, mask: Tensor, query_len
 
 @torch.no_grad()
 def rollout(m: Models, cfg: PPOConfig, prompts: list[str], g: torch.Generator) -> Rollout:
+    """Sample one response to each of ``prompts`` (a prompt repeated G times gets G), score it
+    and keep what the update needs."""
     s = cfg.sampling()
-    with m.dp.gathered(m.policy, m.value):  # --fsdp: whole models while ranks run unevenly
+    with m.dp.gathered(*trained_modules(m).values()):  # --fsdp: whole while ranks run unevenly
         x = sample(m.policy, m.tokenizer, prompts, s, g)
         Lq = x.query_len
         logprobs = token_logprobs(m.policy, x.input_ids, x.attention_mask, Lq, cfg.temperature)
-        values = values_of(m.value, x.input_ids, x.attention_mask, Lq)
+        values = (
+            values_of(m.value, x.input_ids, x.attention_mask, Lq)
+            if m.value is not None
+            else torch.zeros_like(logprobs)  # (B, Lr) no critic: unused
+        )
     ref_logprobs = token_logprobs(m.ref, x.input_ids, x.attention_mask, Lq, cfg.temperature)
     scores = score(m.reward, m.reward_shift, x, m.tokenizer.eos_token_id, s)
-    m.cost.add(forward=5 * x.positions)  # generation, policy, reference, value, reward
+    # generation, policy, reference, reward, and the value model when there is one
+    m.cost.add(forward=(5 if m.value is not None else 4) * x.positions)
     return Rollout(
         x.input_ids,
         x.attention_mask,
@@ -301,6 +398,52 @@ def advantages_and_returns(
     return whiten(adv, mask), ret  # whitened over the whole batch
 
 
+def group_advantages(
+    ro: Rollout,
+    rewards: Tensor,
+    cfg: PPOConfig,
+    dp: DataParallel | None = None,
+) -> tuple[Tensor, Tensor, dict[str, float]]:
+    """The critic-free advantages ``(B, Lr)`` of ``cfg.advantage`` (grpo, rloo, reinforce_pp),
+    their "returns" (the quantity each token's advantage is built from, for logging) and
+    statistics. ``rewards`` are the per-token rewards of :func:`token_rewards` (with the KL in
+    them when ``--kl-in reward``); GRPO and RLOO use each response's sum of them, one number per
+    response, broadcast over its tokens. Rows ``i * G .. i * G + G - 1`` are one prompt's group.
+    Under torchrun (``dp``) the batch-wide statistics (REINFORCE++'s whitening, GRPO's batch
+    std) are over every rank's responses; the groups are whole on each rank."""
+    mask = ro.response_mask.bool()  # (B, Lr)
+    valid = mask.any(1)  # (B,) responses left after drop_nonfinite
+    stats: dict[str, float] = {}
+    if cfg.advantage == "reinforce_pp":  # Hu 2025: token returns, whitened over the batch
+        _, returns = reinforce_pp_advantages(rewards, mask, gamma=cfg.gamma, whiten=False)
+        whiten = dp.whiten if dp is not None else masked_whiten
+        return whiten(returns, mask), returns, stats
+    G = cfg.group_size
+    seq_reward = masked_sum(rewards, mask, dim=1)  # (B,) score - beta * KL of the response
+    grouped, grouped_valid = seq_reward.view(-1, G), valid.view(-1, G)  # (N, G)
+    if cfg.advantage == "grpo":
+        batch_std = None
+        if cfg.group_scale == "batch" and dp is not None and dp.world_size > 1:
+            batch_std = moments_mean_var(dp.gather_moments(seq_reward, valid))[1].sqrt()
+        adv = group_relative_advantages(
+            grouped, grouped_valid, scale=cfg.group_scale, batch_std=batch_std
+        )
+    elif cfg.advantage == "rloo":
+        adv = rloo_advantages(grouped, grouped_valid)
+    else:
+        raise ConfigError(f"--advantage {cfg.advantage!r} is not a group advantage")
+    token_adv = torch.where(mask, adv.reshape(-1, 1).expand_as(mask), 0.0)  # (B, Lr)
+    token_ret = torch.where(mask, seq_reward[:, None].expand_as(mask), 0.0)  # (B, Lr)
+    return token_adv, token_ret, stats
+
+
+def zero_variance_rows(ro: Rollout, group_size: int) -> Tensor:
+    """``(B,)`` True on every response of a group whose responses all got the same score."""
+    valid = ro.response_mask.bool().any(1)
+    zv = zero_variance_groups(ro.scores.view(-1, group_size), valid.view(-1, group_size))
+    return zv.repeat_interleave(group_size)
+
+
 def drop_nonfinite(ro: Rollout) -> tuple[Rollout, int]:
     """Mask out responses with a non-finite score, log-prob, reference log-prob or value on a
     real token (their tensors are zeroed too, so no NaN is left to meet a zero weight).
@@ -351,12 +494,14 @@ def ppo_step(
     optimizer: torch.optim.Optimizer,
     kl_ctl: FixedKLController | ZieglerKLController,
     g: torch.Generator,
+    critic_only: bool = False,
 ) -> dict[str, float]:
     """Rewards, advantages and one PPO update over ``ro``; returns the update's statistics.
 
     A response whose score, log-probs or values are not finite (a broken reward model, an
     overflow) is dropped from the update before anything reaches the weights, and counted in
     ``nonfinite_responses``; when every response is, the update is skipped (``skipped_update``).
+    ``critic_only`` (``--critic-warmup``): only the value model's loss, the policy is not stepped.
     """
     ro, dropped = drop_nonfinite(ro)
     dp = m.dp
@@ -367,49 +512,96 @@ def ppo_step(
             "optimizer_steps": 0.0,
             "kl_beta": kl_ctl.beta,
         }
-    rewards, kl = token_rewards(ro, kl_ctl.beta, cfg.kl_estimator)
-    advantages, returns = advantages_and_returns(ro, rewards, cfg, dp.whiten)
+    beta_in_reward = kl_ctl.beta if cfg.kl_in == "reward" else 0.0
+    rewards, kl = token_rewards(ro, beta_in_reward, cfg.kl_estimator)
+    group_stats: dict[str, float] = {}
+    if cfg.uses_critic:
+        advantages, returns = advantages_and_returns(ro, rewards, cfg, dp.whiten)
+    else:
+        advantages, returns, group_stats = group_advantages(ro, rewards, cfg, dp)
+    loss_mask = ro.response_mask
+    if cfg.group_size > 1:
+        zv = zero_variance_rows(ro, cfg.group_size)  # (B,)
+        group_stats["zero_variance_groups"] = float(zv.float().mean())
+        if cfg.filter_zero_variance:  # DAPO's dynamic sampling, without the resampling
+            loss_mask = torch.where(zv[:, None], 0, loss_mask)
     batch = {
         "input_ids": ro.input_ids,
         "attention_mask": ro.attention_mask,
-        "response_mask": ro.response_mask,
+        "response_mask": loss_mask,
         "logprobs": ro.logprobs,
         "values": ro.values,
         "advantages": advantages,
         "returns": returns,
     }
+    if cfg.kl_in == "loss":
+        batch["ref_logprobs"] = ro.ref_logprobs
     Lq = ro.query_len
+    train_policy, value_model = not critic_only, m.train_value or m.value
+    n_trained = int(train_policy) + int(value_model is not None)
+    norm = float(cfg.max_new_tokens)  # Dr. GRPO's constant: the longest response allowed
 
     def loss_fn(mb: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         mb, lq = trim_padding(mb, Lq)
         mask = mb["response_mask"]
-        m.cost.add(forward=2 * mb["input_ids"].numel(), backward=2 * mb["input_ids"].numel())
-        policy, value = m.train_policy or m.policy, m.train_value or m.value
-        logprobs, entropy = response_logprobs(
-            policy, mb["input_ids"], mb["attention_mask"], lq, cfg.temperature
-        )
-        pg_loss, stats = clipped_surrogate(
-            logprobs, mb["logprobs"], mb["advantages"], mask, clip_range=cfg.clip_range
-        )
-        values = values_of(value, mb["input_ids"], mb["attention_mask"], lq)  # type: ignore[arg-type]
-        v_loss, v_stats = value_loss(
-            values, mb["values"], mb["returns"], mask, clip_range=cfg.clip_range_vf
-        )
-        ent, e_stats = entropy_bonus(entropy if cfg.ent_coef else entropy.detach(), mask)
-        loss = pg_loss + cfg.vf_coef * v_loss - cfg.ent_coef * ent
-        # token means of this minibatch -> its share of the global minibatch's token mean (DDP
-        # averages the gradients over ranks); 1.0 for one process
-        scale = dp.loss_scale(float(mask.sum()))
+        numel = mb["input_ids"].numel()
+        m.cost.add(forward=n_trained * numel, backward=n_trained * numel)
+        stats: dict[str, Tensor] = {}
+        loss = torch.zeros((), device=mask.device)
+        if train_policy:
+            logprobs, entropy = response_logprobs(
+                m.train_policy or m.policy, mb["input_ids"], mb["attention_mask"], lq,
+                cfg.temperature,
+            )  # fmt: skip
+            pg_loss, stats = clipped_surrogate(
+                logprobs, mb["logprobs"], mb["advantages"], mask, clip_range=cfg.clip_range,
+                clip_range_high=cfg.clip_range_high, dual_clip=cfg.dual_clip,
+                ratio_level=cfg.ratio_level, loss_agg=cfg.loss_agg, agg_normaliser=norm,
+            )  # fmt: skip
+            ent, e_stats = entropy_bonus(entropy if cfg.ent_coef else entropy.detach(), mask)
+            stats.update(e_stats)
+            stats["policy_loss"] = pg_loss.detach()
+            loss = pg_loss
+        if value_model is not None:
+            values = values_of(value_model, mb["input_ids"], mb["attention_mask"], lq)  # type: ignore[arg-type]
+            v_loss, v_stats = value_loss(
+                values, mb["values"], mb["returns"], mask, clip_range=cfg.clip_range_vf
+            )
+            loss = loss + cfg.vf_coef * v_loss
+            stats.update(v_stats)
+            stats["value_loss"] = v_loss.detach()
+        if train_policy:
+            loss = loss - cfg.ent_coef * ent
+            if cfg.kl_in == "loss":  # GRPO eq. 3: beta * D_KL beside the surrogate
+                kl_loss, k_stats = kl_penalty(
+                    logprobs,
+                    mb["ref_logprobs"],
+                    mask,
+                    estimator=cfg.kl_loss_estimator,
+                    loss_agg=cfg.loss_agg,
+                    agg_normaliser=norm,
+                )
+                loss = loss + kl_ctl.beta * kl_loss
+                stats["kl_loss"] = k_stats["kl_ref"]
+        # this minibatch's mean -> its share of the global minibatch's mean (DDP averages the
+        # gradients over ranks); 1.0 for one process. Tokens for the token mean, responses for
+        # the per-response means.
+        if cfg.loss_agg == "token_mean":
+            local = float(mask.sum())
+        elif cfg.loss_agg == "seq_mean_token_mean":
+            local = float(mask.bool().any(1).sum())
+        else:
+            local = float(mask.shape[0])
+        scale = dp.loss_scale(local)
         loss = loss * scale
-        # likewise the approx KL: the mean over ranks that the early stop reads is then the
-        # global minibatch's token mean, as in one process
-        stats["approx_kl"] = stats["approx_kl"] * scale
-        stats.update(v_stats)
-        stats.update(e_stats)
-        stats["policy_loss"], stats["value_loss"] = pg_loss.detach(), v_loss.detach()
+        if "approx_kl" in stats:
+            # likewise the approx KL: the mean over ranks that the early stop reads is then the
+            # global minibatch's, as in one process
+            stats["approx_kl"] = stats["approx_kl"] * scale
         return loss, stats
 
-    params = [p for p in [*m.policy.parameters(), *m.value.parameters()] if p.requires_grad]
+    models = ([m.policy] if train_policy else []) + ([m.value] if m.value is not None else [])
+    params = [p for mod in models for p in mod.parameters() if p.requires_grad]
     result = ppo_update(
         loss_fn,
         optimizer,
@@ -421,6 +613,7 @@ def ppo_step(
         target_kl=cfg.target_kl,
         generator=g,
         sync=dp.update_sync(),
+        group_size=cfg.group_size,
     )
     stats = dict(result.stats)
     stats.update(
@@ -441,7 +634,9 @@ def ppo_step(
         early_stopped=int(result.early_stopped),
         skipped_update=0.0,
         skipped_nonfinite=result.skipped_nonfinite,
+        critic_only=float(critic_only),
     )  # agreed across ranks
+    stats.update(dp.reduce_stats(group_stats) if group_stats else {})
     kl_ctl.update(stats["kl_ref"], n_steps=ro.input_ids.shape[0] * dp.world_size)
     return stats
 
@@ -506,8 +701,10 @@ def _train_ppo(
     m = load_models(cfg, dp.device)
     m.cost.started = t_start
     m.dp = dp
-    m.policy, m.value = dp.prepare(m.policy), dp.prepare(m.value)  # --fsdp: shard; else as is
-    params = [p for p in [*m.policy.parameters(), *m.value.parameters()] if p.requires_grad]
+    m.policy = dp.prepare(m.policy)  # --fsdp: shard; else as is
+    m.value = dp.prepare(m.value) if m.value is not None else None
+    trained = trained_modules(m)
+    params = [p for mod in trained.values() for p in mod.parameters() if p.requires_grad]
     optimizer = adamw(params, cfg.learning_rate)
     kl_ctl: FixedKLController | ZieglerKLController = (
         ZieglerKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
@@ -527,7 +724,7 @@ def _train_ppo(
     ckpt = StageCheckpointer(
         cfg.run_dir,
         cfg.checkpoint_every,
-        {"policy": m.policy, "value": m.value},
+        trained,
         optimizer,
         generators={"sampling": g},
         rngs={"prompts": rng},
@@ -541,7 +738,8 @@ def _train_ppo(
         start, fuse = state["step"], state["fuse"]
         skipped_in_row = state["skipped_in_row"]
         kl_ctl.load_state_dict(state["kl_controller"])
-    m.train_policy, m.train_value = dp.wrap(m.policy), dp.wrap(m.value)  # after the restore
+    m.train_policy = dp.wrap(m.policy)  # after the restore
+    m.train_value = dp.wrap(m.value) if m.value is not None else None
     t0 = time.perf_counter()
 
     def snapshot() -> dict[str, Any]:
@@ -593,10 +791,13 @@ def _train_ppo(
             fuse_halts(0, log)
         m.cost.mark("loop_start")
         for update in range(start + 1, n_updates + 1):
-            sampled = rng.sample(train, min(global_batch, len(train)))  # the same on every rank
-            prompts = [r.prompt for r in dp.shard(sampled)[0]]
+            n_prompts = global_batch // cfg.group_size
+            sampled = rng.sample(train, min(n_prompts, len(train)))  # the same on every rank
+            # each prompt G times in a row: its group stays whole on its rank (issue 16)
+            prompts = [r.prompt for r in dp.shard(sampled)[0] for _ in range(cfg.group_size)]
             ro = rollout(m, cfg, prompts, g)
-            stats = ppo_step(m, cfg, ro, optimizer, kl_ctl, g)
+            warmup = update <= cfg.critic_warmup
+            stats = ppo_step(m, cfg, ro, optimizer, kl_ctl, g, critic_only=warmup)
             skipped_in_row = skipped_in_row + 1 if stats["skipped_update"] else 0
             if skipped_in_row >= cfg.max_nonfinite_updates:
                 raise NonFiniteError(
