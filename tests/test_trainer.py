@@ -107,3 +107,36 @@ def test_resume_continues_from_checkpoint(tmp_path, capsys):
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     steps = [int(line.split('"step": ')[1].split(",")[0]) for line in lines]
     assert steps == [128 * i for i in range(1, 9)]  # every step exactly once
+
+
+def test_dual_clip_and_clip_higher_reach_the_update(tmp_path):
+    """Issue 16 in the Gymnasium trainer: --dual-clip and --clip-range-high change the update
+    and are logged; the defaults stay the paper's (the same parameters as before)."""
+    kw = dict(num_envs=2, num_steps=64, minibatch_size=64, epochs=4, total_steps=128)
+    runs = {}
+    for name, extra in (("paper", {}), ("dual", {"dual_clip": 1.5, "clip_range_high": 0.05})):
+        tr = RLTrainer(_cfg(tmp_path, name, clip_range=0.02, anneal_clip=False, **kw, **extra))
+        obs, _ = tr.envs.reset(seed=0)
+        ro, _, _ = tr.collect(obs)
+        stats = tr.update(ro, clip=0.02)
+        runs[name] = (stats, _params(tr))
+        tr.envs.close()
+    assert "dual_clip_fraction" not in runs["paper"][0]
+    assert runs["dual"][0]["dual_clip_fraction"] >= 0.0
+    pa, pb = runs["paper"][1], runs["dual"][1]
+    assert not all(torch.equal(pa[k], pb[k]) for k in pa)  # a wider upper clip moves it more
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"dual_clip": 1.0}, "--dual-clip must be > 1"),
+        ({"clip_range_high": -0.1}, "--clip-range-high must be > 0"),
+        ({"dual_clip": 3.0, "objective": "kl_fixed"}, "--objective is kl_fixed"),
+    ],
+)
+def test_clip_options_are_checked(tmp_path, kw, message):
+    from cliprail.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        RLTrainer(_cfg(tmp_path, **kw))

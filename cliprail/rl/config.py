@@ -80,6 +80,12 @@ class RLConfig:
     """Clip epsilon of the surrogate."""
     anneal_clip: bool = True
     """Anneal the clip epsilon linearly to 0 over training (paper's Atari setting)."""
+    clip_range_high: float | None = None
+    """Upper clip epsilon, when it should differ from --clip-range (DAPO's clip-higher, Yu et al.
+    2025); annealed in proportion with --clip-range. None: symmetric, the paper's."""
+    dual_clip: float | None = None
+    """Dual-clip constant c > 1 of the clip objective: a negative advantage's objective is
+    bounded below by c * A (Ye et al. 2020). None: off, the paper's."""
     kl_beta: float = 1.0
     """KL coefficient of the kl_fixed objective, start value of kl_adaptive."""
     kl_target: float = 0.01
@@ -261,6 +267,15 @@ def validate(cfg: RLConfig) -> None:
         raise ConfigError(f"--max-grad-norm must be > 0 or None, got {cfg.max_grad_norm}")
     if cfg.target_kl is not None and cfg.target_kl <= 0:
         raise ConfigError(f"--target-kl must be > 0 or None, got {cfg.target_kl}")
+    if cfg.clip_range_high is not None and not cfg.clip_range_high > 0:
+        raise ConfigError(f"--clip-range-high must be > 0 or None, got {cfg.clip_range_high}")
+    if cfg.dual_clip is not None and not cfg.dual_clip > 1:
+        raise ConfigError(f"--dual-clip must be > 1 or None, got {cfg.dual_clip}")
+    if (cfg.clip_range_high is not None or cfg.dual_clip is not None) and cfg.objective != "clip":
+        raise ConfigError(
+            f"--clip-range-high and --dual-clip shape the clip objective; --objective is "
+            f"{cfg.objective}"
+        )
     if cfg.clip_range_vf is not None and cfg.clip_range_vf <= 0:
         raise ConfigError(f"--clip-range-vf must be > 0 or None, got {cfg.clip_range_vf}")
     batch = cfg.num_envs * cfg.num_steps

@@ -276,9 +276,16 @@ class RLTrainer:
 
     # --- learning ----------------------------------------------------------------------------
     def _objective(self, clip: float) -> Callable[..., tuple[Tensor, dict[str, Tensor]]]:
-        if self.cfg.objective == "clip":
-            return partial(clipped_surrogate, clip_range=clip)
-        if self.cfg.objective == "none":
+        cfg = self.cfg
+        if cfg.objective == "clip":
+            # clip-higher's upper epsilon annealed in proportion with the lower one
+            high = (
+                None if cfg.clip_range_high is None else cfg.clip_range_high * clip / cfg.clip_range
+            )
+            return partial(
+                clipped_surrogate, clip_range=clip, clip_range_high=high, dual_clip=cfg.dual_clip
+            )
+        if cfg.objective == "none":
             return partial(plain_surrogate, clip_range=clip)
         assert self.kl_ctl is not None
         return partial(kl_penalized_surrogate, beta=self.kl_ctl.beta, clip_range=clip)
