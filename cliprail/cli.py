@@ -106,7 +106,11 @@ class DemoArgs:
     budget, so the proxy reward can rise while the gold score falls."""
     compare: bool = False
     """Also run DPO and best-of-n (n = 1, 2, 4, 8, 16) on the same preferences and prompts, and
-    add their comparison with PPO and SFT (table, gold against sqrt(KL)) to the report."""
+    GRPO and RLOO (PPO's clip without a critic: --group-size responses per prompt, the same
+    episodes, learning rate and KL penalty), and add their comparison with PPO and SFT (table,
+    gold against sqrt(KL) along each run) to the report."""
+    group_size: int = 4
+    """Responses per prompt of the GRPO and RLOO runs of --compare."""
     total_episodes: int = 3072
     """PPO episodes (healthcare): 48 updates of 64 prompts."""
     kl_coef: float = 0.2
@@ -239,7 +243,7 @@ def _demo_rlhf(args: DemoArgs, run_dir: Path) -> int:
 
     from cliprail.checkpoint import atomic_write_json
     from cliprail.rlhf.evaluate import EvalConfig, compare, table
-    from cliprail.rlhf.ppo import PPOConfig, train_ppo
+    from cliprail.rlhf.ppo import train_ppo
     from cliprail.rlhf.report import write_report
     from cliprail.rlhf.reward import RewardConfig, train_reward
     from cliprail.rlhf.sft import SFTConfig, train_sft
@@ -285,27 +289,14 @@ def _demo_rlhf(args: DemoArgs, run_dir: Path) -> int:
         )
     )
     say(f"[3/5] reward model: held-out pairwise accuracy {rm['heldout_accuracy']:.3f}")
-    ppo_cfg = PPOConfig(
-        prompts=data["prompts"],
-        sft_model=sft,
-        reward_model=run_dir / "rm" / "model",
-        run_dir=run_dir / "ppo",
-        total_episodes=args.total_episodes,
-        seed=args.seed,
-        kl_coef=0.0 if args.hacking else args.kl_coef,
-        learning_rate=args.ppo_learning_rate,
-        kl_budget=None if args.hacking else 20.0,
-        eval_prompts=world.n_val,  # the fuse chooses on val; the summary tests on eval
-        progress=args.progress,
-    )
-    fuse = train_ppo(ppo_cfg)
+    fuse = train_ppo(demo_ppo_config(args, run_dir, data, sft, world.n_val))
     state = "fuse halted: " + fuse["halted"] if fuse["halted"] else "fuse not tripped"
     say(
         f"[4/5] PPO: {state}; best checkpoint update {fuse['best_update']} "
         f"(validation gold {fuse['best_gold']:.3f})"
     )
     result = compare(EvalConfig(run_dir=run_dir / "ppo", n_prompts=world.n_eval))
-    extra = _demo_compare(args, run_dir, data, sft, say) if args.compare else None
+    extra = _demo_compare(args, run_dir, data, sft, world.n_val, say) if args.compare else None
     report = write_report(run_dir / "ppo", result, out=run_dir / "report.html", extra_html=extra)
     say(
         f"[5/5] evaluation on {result['n_prompts']} test prompts (split eval, unseen by the "
@@ -320,6 +311,35 @@ def _demo_rlhf(args: DemoArgs, run_dir: Path) -> int:
     if args.json:
         print(json.dumps(summary))
     return 0
+
+
+def demo_ppo_config(
+    args: DemoArgs,
+    run_dir: Path,
+    data: dict[str, Path],
+    sft: Path,
+    n_val: int,
+    name: str = "ppo",
+    **overrides: Any,
+) -> Any:
+    """The demo's PPO stage (and, with ``overrides``, its GRPO and RLOO runs under --compare:
+    the same prompts, models, episodes, learning rate and KL penalty)."""
+    from cliprail.rlhf.ppo import PPOConfig
+
+    return PPOConfig(
+        prompts=data["prompts"],
+        sft_model=sft,
+        reward_model=run_dir / "rm" / "model",
+        run_dir=run_dir / name,
+        total_episodes=args.total_episodes,
+        seed=args.seed,
+        kl_coef=0.0 if args.hacking else args.kl_coef,
+        learning_rate=args.ppo_learning_rate,
+        kl_budget=None if args.hacking else 20.0,
+        eval_prompts=n_val,  # the fuse chooses on val; the summary tests on eval
+        progress=args.progress,
+        **overrides,
+    )
 
 
 def demo_summary(
@@ -366,13 +386,15 @@ def _demo_compare(
     run_dir: Path,
     data: dict[str, Path],
     sft: Path,
+    n_val: int,
     say: Callable[..., None] = print,
 ) -> str:
-    """DPO and best-of-n beside PPO and SFT; returns the report's HTML section."""
+    """DPO, best-of-n, GRPO and RLOO beside PPO and SFT; returns the report's HTML section."""
     from cliprail.rlhf.bestofn import BestOfNConfig, kl_table, run_best_of_n
     from cliprail.rlhf.compare import CompareConfig, compare_runs, html_section, plot
     from cliprail.rlhf.compare import table as compare_table
     from cliprail.rlhf.dpo import DPOConfig, train_dpo
+    from cliprail.rlhf.ppo import train_ppo
 
     rm = run_dir / "rm" / "model"
     dpo = train_dpo(
@@ -398,9 +420,26 @@ def _demo_compare(
         )
     )
     say(f"[compare] best-of-n, KL analytic and estimated:\n{kl_table(bon)}")
+    critic_free = []
+    for adv in ("grpo", "rloo"):  # PPO's clip without the critic (issue 16): same budget
+        cfg = demo_ppo_config(
+            args, run_dir, data, sft, n_val, name=adv, advantage=adv, group_size=args.group_size
+        )
+        fuse = train_ppo(cfg)
+        say(
+            f"[compare] {adv.upper()} (groups of {args.group_size}): kept update "
+            f"{fuse['best_update']} (validation gold {fuse['best_gold']:.3f})"
+        )
+        critic_free.append(run_dir / adv)
     result = compare_runs(
         CompareConfig(
-            runs=(run_dir / "sft", run_dir / "ppo", run_dir / "dpo", run_dir / "best-of-n"),
+            runs=(
+                run_dir / "sft",
+                run_dir / "ppo",
+                *critic_free,
+                run_dir / "dpo",
+                run_dir / "best-of-n",
+            ),
             out=run_dir / "compare",
         )
     )

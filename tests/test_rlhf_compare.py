@@ -75,15 +75,29 @@ def test_best_of_n_and_compare_end_to_end(pipeline, capsys):
     if not (pipeline / "dpo" / "stage.json").is_file():  # run alone: make the DPO run
         assert main(["rlhf", "dpo", "--data", p["pairs"], "--sft-model", p["sft"], "--run-dir",
                      str(pipeline / "dpo"), "--epochs", "1", "--no-progress"]) == 0  # fmt: skip
+    # the critic-free form on the same budget (issue 16): its row is named by --advantage
+    rloo = pipeline / "rloo-cmp"
+    assert main(["rlhf", "ppo", "--prompts", p["prompts"], "--sft-model", p["sft"],
+                 "--reward-model", p["rm"], "--run-dir", str(rloo), "--total-episodes", "16",
+                 "--batch-size", "8", "--minibatch-size", "4", "--epochs", "1",
+                 "--max-new-tokens", "12", "--eval-every", "1", "--eval-prompts", "8",
+                 "--advantage", "rloo", "--group-size", "4", "--no-progress"]) == 0  # fmt: skip
     capsys.readouterr()
     out_dir = pipeline / "cmp"
-    runs = [str(pipeline / "sft"), str(ppo), str(pipeline / "dpo"), str(bon)]
+    runs = [str(pipeline / "sft"), str(ppo), str(rloo), str(pipeline / "dpo"), str(bon)]
     assert main(["rlhf", "compare", *runs, "--n-prompts", "8", "--out", str(out_dir),
                  "--json"]) == 0  # fmt: skip
     result = json.loads(capsys.readouterr().out)
     methods = [r["method"] for r in result["rows"]]
-    assert methods == ["SFT", "PPO", "DPO", "best-of-1", "best-of-2", "best-of-4"]
+    assert methods == ["SFT", "PPO", "RLOO", "DPO", "best-of-1", "best-of-2", "best-of-4"]
     rows = {r["method"]: r for r in result["rows"]}
+    # no value model: the weights, gradients and AdamW state of one trunk less, measured
+    ppo_mem, rloo_mem = rows["PPO"], rows["RLOO"]
+    assert rloo_mem["weights_mb"] < ppo_mem["weights_mb"] and rloo_mem["peak_rss_mb"] > 0
+    assert rloo_mem["optimizer_mb"] < 0.6 * ppo_mem["optimizer_mb"]
+    assert rloo_mem["held_mb"] < ppo_mem["held_mb"]
+    curves = json.loads((out_dir / "compare.json").read_text())["curves"]
+    assert len(curves["RLOO (rloo-cmp)"]) == 3  # along the run: the fuse at updates 0, 1, 2
     assert rows["SFT"]["kl_ref"] == pytest.approx(0.0, abs=1e-5)  # the reference itself
     for r in result["rows"]:
         assert {"gold", "unsafe_advice_rate", "missed_emergency_rate", "over_refusal_rate",

@@ -5,11 +5,13 @@ and run folders are the one resume layer's (:mod:`cliprail.resume`)."""
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from cliprail.checkpoint import atomic_write_json
 from cliprail.errors import ConfigError
@@ -125,6 +127,49 @@ class Cost:
 
     def write(self, run_dir: Path, **extra: Any) -> None:
         """``<run_dir>/stage.json``: the stage's name, cost and phases, for ``rlhf compare``
-        and the benchmarks."""
+        and the benchmarks, with the process's peak memory (:func:`peak_memory_mb`)."""
         record = {k: v for k, v in self.__dict__.items() if k != "started"}
-        atomic_write_json(run_dir / "stage.json", {**record, **extra})
+        atomic_write_json(run_dir / "stage.json", {**record, **peak_memory_mb(), **extra})
+
+
+def _mb(tensors: Iterable[Tensor]) -> float:
+    return sum(t.numel() * t.element_size() for t in tensors) / 2**20
+
+
+def held_state_mb(
+    trained: Iterable[torch.nn.Module],
+    frozen: Iterable[torch.nn.Module],
+    optimizer: torch.optim.Optimizer | None,
+) -> dict[str, float]:
+    """What a stage holds for its models, measured on the tensors themselves (MiB): the
+    weights of every model, trained and frozen, the gradients and the optimizer's state (AdamW:
+    two moments per trained parameter). Activations and the KV cache come on top; the peak of
+    the whole process is :func:`peak_memory_mb`."""
+    trained, frozen = list(trained), list(frozen)
+    weights = _mb(p for m in [*trained, *frozen] for p in m.parameters())
+    grads = _mb(p.grad for m in trained for p in m.parameters() if p.grad is not None)
+    opt = 0.0
+    if optimizer is not None:
+        opt = _mb(v for st in optimizer.state.values() for v in st.values() if torch.is_tensor(v))
+    return {
+        "weights_mb": round(weights, 3),
+        "grads_mb": round(grads, 3),
+        "optimizer_mb": round(opt, 3),
+        "held_mb": round(weights + grads + opt, 3),
+    }
+
+
+def peak_memory_mb() -> dict[str, float]:
+    """The process's peak resident memory (MiB; on Linux ``ru_maxrss``, for the whole process: a
+    stage run alone by the CLI, not one of several stages in one process such as the demo),
+    and the peak CUDA memory allocated by torch where a GPU was used."""
+    out: dict[str, float] = {}
+    try:
+        import resource
+
+        out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    except (ImportError, OSError):  # not on this platform
+        pass
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda_peak_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return out

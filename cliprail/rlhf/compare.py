@@ -1,5 +1,6 @@
-"""``cliprail rlhf compare RUN_DIR...``: SFT, PPO, DPO and best-of-n on the same held-out
-prompts, in one table and one plot.
+"""``cliprail rlhf compare RUN_DIR...``: SFT, PPO (and its critic-free forms: GRPO, RLOO,
+REINFORCE++, named by each run's ``--advantage``), DPO and best-of-n on the same held-out prompts,
+in one table and one plot.
 
 Every policy run (SFT, PPO, DPO) is sampled here with the same settings and seed and judged by
 the same gold judge, reward model and reference (:mod:`cliprail.rlhf.sampling`); a best-of-n run
@@ -8,9 +9,9 @@ brings its own picks, made on the same prompts (checked by id). Costs come from 
 alone (PPO and best-of-n also need the reward model; SFT is every method's start).
 
 The plot is gold score against sqrt(KL to the reference), one curve per method, as Gao et al.
-(2022) compare best-of-n and RL: PPO's points are its fuse evaluations, DPO's its per-epoch
-evaluations, best-of-n's one per n (estimated KL), SFT sits at 0. Large markers are the table's
-numbers.
+(2022) compare best-of-n and RL: a PPO-stage run's points (PPO, GRPO, RLOO) are its fuse
+evaluations along the run, DPO's its per-epoch evaluations, best-of-n's one per n (estimated
+KL), SFT sits at 0. Large markers are the table's numbers.
 """
 
 from __future__ import annotations
@@ -58,7 +59,22 @@ TABLE = [
     ("wall_s", "wall s"),
     ("tokens_forward", "tok fwd"),
     ("tokens_backward", "tok bwd"),
+    ("held_mb", "held MB"),
 ]
+COSTS = (
+    "wall_s",
+    "tokens_forward",
+    "tokens_backward",
+    "weights_mb",
+    "grads_mb",
+    "optimizer_mb",
+    "held_mb",
+    "peak_rss_mb",
+)
+"""From each run's stage.json: wall time, token positions through forward and backward passes,
+the weights, gradients and optimizer state the stage held (MiB), the process's peak RSS."""
+METHODS = {"gae": "PPO", "grpo": "GRPO", "rloo": "RLOO", "reinforce_pp": "REINFORCE++"}
+"""The name of a PPO-stage run by its advantage estimator (issue 16)."""
 
 
 @dataclass(frozen=True)
@@ -155,7 +171,7 @@ def compare_runs(cfg: CompareConfig) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     curves: dict[str, list[tuple[float, float]]] = {}
     for run, st in zip(cfg.runs, stages, strict=True):
-        cost = {k: st.get(k, float("nan")) for k in ("wall_s", "tokens_forward", "tokens_backward")}
+        cost = {k: st.get(k, float("nan")) for k in COSTS}
         if st["stage"] == "best-of-n":
             res = load_result(run)
             if res["prompt_ids"] != [r.id for r in requests]:
@@ -189,7 +205,11 @@ def compare_runs(cfg: CompareConfig) -> dict[str, Any]:
             continue
         policy = load_causal_lm(_policy_path(run, st, cfg.checkpoint)).eval()
         ev = evaluate_policy(policy, ref, tok, requests, sampling, reward, shift)
-        label = st["stage"].upper()
+        label = (
+            METHODS.get(st.get("advantage", "gae"), "PPO")
+            if st["stage"] == "ppo"
+            else st["stage"].upper()
+        )
         row = {
             "method": label,
             "run": str(run),
@@ -227,7 +247,7 @@ def table(result: dict[str, Any]) -> str:
             v = r.get(key, float("nan"))
             cells.append(
                 f"{v:9.3g}"
-                if key.startswith("tokens")
+                if key.startswith("tokens") or key == "held_mb"
                 else f"{v:9.3f}"
                 if abs(v) < 1000
                 else f"{v:9.0f}"
@@ -258,7 +278,7 @@ def plot(result: dict[str, Any]) -> bytes:
         )
     ax.set_xlabel("sqrt(KL to the reference)  [sqrt(nats per response)]")
     ax.set_ylabel("gold score (held-out prompts)")
-    ax.set_title("Gold score against sqrt(KL): PPO, DPO, best-of-n, SFT")
+    ax.set_title("Gold score against sqrt(KL), each method along its run")
     ax.legend(fontsize=7)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
@@ -270,21 +290,22 @@ def html_section(result: dict[str, Any], png: bytes, standalone: bool = False) -
     """The table and the plot as HTML (a whole page when ``standalone``)."""
     cols = "".join(f"<th>{html.escape(short)}</th>" for _, short in TABLE)
     body = [
-        f"<h2>PPO, DPO, best-of-n and SFT on {result['n_prompts']} held-out prompts</h2>",
+        f"<h2>The methods side by side on {result['n_prompts']} held-out prompts</h2>",
         f"<table><tr><th>method</th>{cols}</tr>",
     ]
     for r in result["rows"]:
         cells = "".join(
             f"<td>{r.get(k, float('nan')):.3f}</td>"
-            if not k.startswith("tokens")
+            if not k.startswith("tokens") and k != "held_mb"
             else f"<td>{r.get(k, 0):.3g}</td>"
             for k, _ in TABLE
         )
         body.append(f"<tr><td>{html.escape(r['method'])}</td>{cells}</tr>")
     body.append(
         "</table><p>Rates are shares of prompts; proxy is the reward model's score; KL "
-        "is nats per response (best-of-n: estimated from a reference pool); wall time "
-        "and token positions are each stage's own (PPO and best-of-n also need the "
+        "is nats per response (best-of-n: estimated from a reference pool); wall time, "
+        "token positions and held MB (weights of every model the stage held, gradients and "
+        "optimizer state) are each stage's own (PPO, GRPO, RLOO and best-of-n also need the "
         "reward model).</p>"
     )
     body.append(f"<img src='data:image/png;base64,{base64.b64encode(png).decode()}'/>")

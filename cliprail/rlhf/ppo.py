@@ -47,7 +47,7 @@ from cliprail.ppo import (
 )
 from cliprail.resume import seed_everything
 from cliprail.rlhf import sampling
-from cliprail.rlhf.common import Cost, StageOptions, adamw
+from cliprail.rlhf.common import Cost, StageOptions, adamw, held_state_mb
 from cliprail.rlhf.data import DataError
 from cliprail.rlhf.models import (
     ScalarHeadModel,
@@ -819,10 +819,17 @@ def _train_ppo(
             ckpt.step_end(update, stop, snapshot, f"after update {update} of {n_updates}")
     m.cost.mark("loop_end")
     ckpt.total_cost()
-    return _finish(m, cfg, fuse, ckpt.wall_s())
+    memory = held_state_mb(trained.values(), [m.ref, m.reward], optimizer)
+    return _finish(m, cfg, fuse, ckpt.wall_s(), memory)
 
 
-def _finish(m: Models, cfg: PPOConfig, fuse: dict[str, Any], wall_s: float) -> dict[str, Any]:
+def _finish(
+    m: Models,
+    cfg: PPOConfig,
+    fuse: dict[str, Any],
+    wall_s: float,
+    held: dict[str, float] | None = None,
+) -> dict[str, Any]:
     """Rank 0 saves the final policy, fuse.json and, last, stage.json (a finished run)."""
     with m.dp.gathered(m.policy):
         if m.dp.is_main:
@@ -832,7 +839,12 @@ def _finish(m: Models, cfg: PPOConfig, fuse: dict[str, Any], wall_s: float) -> d
     fuse["best_checkpoint"] = str(cfg.run_dir / "best") if cfg.eval_every else None
     fuse["wall_s"] = m.cost.wall_s = wall_s
     atomic_write_json(cfg.run_dir / "fuse.json", fuse)
-    m.cost.write(cfg.run_dir, policy=str(cfg.run_dir / ("best" if cfg.eval_every else "policy")))
+    m.cost.write(
+        cfg.run_dir,
+        policy=str(cfg.run_dir / ("best" if cfg.eval_every else "policy")),
+        advantage=cfg.advantage,
+        **(held or {}),
+    )
     return fuse
 
 
