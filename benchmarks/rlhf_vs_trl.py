@@ -1,4 +1,5 @@
-"""RLHF PPO episodes per second: cliprail vs TRL's PPOTrainer, same models and work, one process.
+"""RLHF PPO (and GRPO) episodes per second: cliprail vs TRL's PPOTrainer (GRPOTrainer), same
+models and work, one process.
 
 What is compared. Both libraries run PPO on the healthcare scenario from the *same* files:
 
@@ -64,6 +65,18 @@ minus the shift for the reward model). The script asserts, before anything is ti
 1e-5 on held-out sequences. No shim of TRL or transformers was needed: trl 1.12.0 runs as
 installed on transformers 5.24 and torch 2.13.
 
+GRPO (``--algo grpo``, issue 16). cliprail's ``--advantage grpo`` against TRL 1.12's
+``GRPOTrainer`` (transformers generation, no vLLM) on the same SFT policy, reference, reward
+model and prompts: ``--batch-size`` completions per rollout, ``--group-size`` per prompt (TRL's
+``num_generations``; a generation batch of ``--batch-size``, ``steps_per_generation`` =
+batch / minibatch), ``--epochs`` passes over each (TRL's ``num_iterations``), minibatches of
+``--minibatch-size`` completions with one optimizer step each, group-std advantages, the token
+mean over the minibatch (TRL's ``loss_type="dapo"``), clip 0.2, the KL as a k3 loss term with
+coefficient ``--beta`` (both then run the reference model), gradient clip 1.0, temperature 0.7,
+no value model on either side. TRL gets cliprail's reward model as a reward function over the
+token ids it generated (:class:`RewardModelFn`: no detour through decoded text, so both score
+the same sequences). Its floor drops the value model's passes.
+
 What still differs (each library's own algorithm, not the setup): TRL samples with
 ``transformers``' ``generate`` and takes the rollout log-probs from its scores, cliprail with its
 own KV-cache loop; TRL masks values one token past EOS (``padding_mask_p1``); the prompt order
@@ -72,12 +85,14 @@ gold scores are comparable in level, not bit for bit.
 
     pip install -e '.[bench]' -c constraints.txt
     python benchmarks/rlhf_vs_trl.py [--episodes 128] [--repeats 1] [--out DIR]
+    python benchmarks/rlhf_vs_trl.py --algo grpo [--group-size 4] [--beta 0.05]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import shutil
 import statistics
@@ -181,6 +196,24 @@ def cliprail_config(setup: Setup, args: argparse.Namespace, run_dir: Path) -> PP
         kl_budget=None,
         seed=args.seed,
         progress=False,
+    )
+
+
+def cliprail_grpo_config(setup: Setup, args: argparse.Namespace, run_dir: Path) -> PPOConfig:
+    """cliprail's side of ``--algo grpo``: the clip without a critic, TRL GRPOTrainer's defaults
+    where they are a choice (token mean over the minibatch, TRL's "dapo"; group std; the KL as a
+    k3 loss term with coefficient --beta; gradient clip 1.0)."""
+    return dataclasses.replace(
+        cliprail_config(setup, args, run_dir),
+        advantage="grpo",
+        group_size=args.group_size,
+        group_scale="group",
+        loss_agg="token_mean",
+        kl_in="loss",
+        kl_loss_estimator="k3",
+        kl_coef=args.beta,
+        clip_range_vf=None,
+        max_grad_norm=1.0,
     )
 
 
@@ -358,6 +391,117 @@ def run_trl(setup: Setup, args: argparse.Namespace, rep: int, eval_models: Model
     return Result(episodes, seconds, setup_seconds, gold, proxy)
 
 
+def run_cliprail_grpo(
+    setup: Setup, args: argparse.Namespace, rep: int, eval_models: Models
+) -> Result:
+    torch.set_num_threads(THREADS)
+    run_dir = Path(args.out) / f"ppo-cliprail-{rep}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    cfg = cliprail_grpo_config(setup, args, run_dir)
+    t0 = time.perf_counter()
+    fuse = train_ppo(cfg)
+    seconds = time.perf_counter() - t0
+    episodes = max(1, cfg.total_episodes // cfg.batch_size) * cfg.batch_size
+    gold, proxy = evaluate(eval_models, setup, args, load_causal_lm(run_dir / "policy"))
+    return Result(episodes, seconds, seconds - fuse["wall_s"], gold, proxy)
+
+
+class RewardModelFn:
+    """TRL's reward-function protocol over cliprail's reward model, on the token ids TRL
+    generated (prompt re-encoded as cliprail encodes it, left-padded; the completion as TRL
+    sampled it, EOS included): the same scores cliprail's rollout computes, with no detour
+    through decoded text."""
+
+    __name__ = "cliprail_reward_model"
+
+    def __init__(self, setup: Setup) -> None:
+        self.tok = load_tokenizer(setup.sft_model)
+        self.model = ScalarHeadModel.load(setup.reward_model).eval()
+        self.shift = setup.reward_shift
+
+    @torch.no_grad()
+    def __call__(
+        self, prompts: list[str], completion_ids: list[list[int]], **_: object
+    ) -> list[float]:
+        from cliprail.rlhf.data import encode_prompts
+
+        q, qm = encode_prompts(self.tok, list(prompts), 128)
+        Lr = max(1, max(len(c) for c in completion_ids))
+        r = torch.full((len(prompts), Lr), self.tok.pad_token_id, dtype=torch.long)
+        rm = torch.zeros((len(prompts), Lr), dtype=qm.dtype)
+        for i, c in enumerate(completion_ids):
+            r[i, : len(c)] = torch.tensor(c, dtype=torch.long)
+            rm[i, : len(c)] = 1
+        ids, mask = torch.cat([q, r], 1), torch.cat([qm, rm], 1)
+        return (self.model.score(ids, mask) - self.shift).tolist()
+
+
+def run_trl_grpo(setup: Setup, args: argparse.Namespace, rep: int, eval_models: Models) -> Result:
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    torch.set_num_threads(THREADS)
+    out_dir = Path(args.out) / f"grpo-trl-{rep}"
+    shutil.rmtree(out_dir, ignore_errors=True)
+    t0 = time.perf_counter()
+    tok = load_tokenizer(setup.sft_model)
+    policy = AutoModelForCausalLM.from_pretrained(str(setup.sft_model), use_safetensors=True)
+    dataset = Dataset.from_dict({"prompt": [r.prompt for r in setup.train]})
+    per_rollout = args.batch_size // args.minibatch_size  # optimizer steps per epoch
+    config = GRPOConfig(
+        output_dir=str(out_dir),
+        per_device_train_batch_size=args.minibatch_size,
+        gradient_accumulation_steps=1,
+        steps_per_generation=per_rollout,  # one generation batch = --batch-size completions
+        num_generations=args.group_size,
+        num_iterations=args.epochs,
+        max_steps=args.episodes // args.batch_size * per_rollout * args.epochs,
+        max_completion_length=args.response_length,
+        temperature=0.7,
+        top_p=1.0,
+        beta=args.beta,
+        epsilon=0.2,
+        loss_type="dapo",
+        scale_rewards="group",
+        learning_rate=args.lr,
+        lr_scheduler_type="constant",
+        adam_epsilon=1e-5,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,
+        disable_dropout=True,
+        report_to="none",
+        save_strategy="no",
+        eval_strategy="no",
+        logging_steps=10**9,
+        disable_tqdm=True,
+        log_completions=False,
+        seed=args.seed,
+    )
+    trainer = GRPOTrainer(
+        model=policy,
+        reward_funcs=RewardModelFn(setup),
+        args=config,
+        train_dataset=dataset,
+        processing_class=tok,
+    )
+    for cb in (PrinterCallback, ProgressCallback):
+        trainer.remove_callback(cb)
+    torch.set_num_threads(THREADS)
+    setup_seconds = time.perf_counter() - t0
+    with contextlib.redirect_stdout(sys.stderr):
+        trainer.train()
+    seconds = time.perf_counter() - t0
+    trained = trainer.accelerator.unwrap_model(trainer.model)
+    gold, proxy = evaluate(eval_models, setup, args, trained)
+    return Result(args.episodes, seconds, setup_seconds, gold, proxy)
+
+
 def response_length_of(run_dir: Path) -> int:
     """Mean response length (tokens, rounded down) over the updates of a cliprail PPO run."""
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
@@ -365,7 +509,9 @@ def response_length_of(run_dir: Path) -> int:
     return max(1, int(statistics.mean(lengths)))
 
 
-def model_floor(setup: Setup, args: argparse.Namespace, response_len: int) -> float:
+def model_floor(
+    setup: Setup, args: argparse.Namespace, response_len: int, critic: bool = True
+) -> float:
     """Seconds the model passes of this PPO work take alone: a lower bound for any library that
     runs the same models with the same PyTorch kernels.
 
@@ -374,7 +520,8 @@ def model_floor(setup: Setup, args: argparse.Namespace, response_len: int) -> fl
     gradients (the rollout's old log-probs can come from generation, as in TRL), then for every
     epoch and minibatch a policy forward+backward (LM head on the response positions only) and a
     value forward+backward. Left out, so the bound is generous: generation, the PPO maths, the
-    optimizer steps and anything else either library does."""
+    optimizer steps and anything else either library does. Without a ``critic`` (GRPO) there is
+    no value model: the reference and reward forwards and the policy's passes alone."""
     from cliprail.rlhf.data import encode_prompts
     from cliprail.rlhf.models import token_logprobs
 
@@ -386,8 +533,11 @@ def model_floor(setup: Setup, args: argparse.Namespace, response_len: int) -> fl
     reward = ScalarHeadModel.load(setup.reward_model).eval().requires_grad_(False)
     g = torch.Generator().manual_seed(args.seed)
     t0 = time.perf_counter()
-    for start in range(0, args.episodes, args.batch_size):
-        chunk = setup.train[start : start + args.batch_size]
+    group = 1 if critic else args.group_size  # GRPO: batch / G prompts, each G times
+    for start in range(0, args.episodes // group, args.batch_size // group):
+        chunk = [
+            r for r in setup.train[start : start + args.batch_size // group] for _ in range(group)
+        ]
         q, qm = encode_prompts(tok, [r.prompt for r in chunk], 128)
         resp = torch.randint(0, len(tok), (len(chunk), response_len), generator=g)
         ids = torch.cat([q, resp], 1)  # (B, Lq + Lr)
@@ -396,12 +546,14 @@ def model_floor(setup: Setup, args: argparse.Namespace, response_len: int) -> fl
         with torch.no_grad():
             token_logprobs(ref, ids, mask, Lq)
             reward(ids, mask)
-            value(ids, mask)
+            if critic:
+                value(ids, mask)
         for _ in range(args.epochs):
             for mb in range(0, len(chunk), args.minibatch_size):
                 rows = slice(mb, mb + args.minibatch_size)
                 token_logprobs(policy, ids[rows], mask[rows], Lq).sum().backward()
-                value(ids[rows], mask[rows])[:, Lq - 1 : -1].sum().backward()
+                if critic:
+                    value(ids[rows], mask[rows])[:, Lq - 1 : -1].sum().backward()
     return time.perf_counter() - t0
 
 
@@ -466,8 +618,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=120,
         help="held-out eval prompts for the gold score (untimed); default 120 (all of them)",
     )
-    add_run_args(ap, "world, SFT, reward model, PPO runs")
+    ap.add_argument(
+        "--algo",
+        choices=("ppo", "grpo"),
+        default="ppo",
+        help="ppo: cliprail's PPO with a critic against TRL 1.12's PPOTrainer; grpo: cliprail's "
+        "--advantage grpo against TRL 1.12's GRPOTrainer (generation through transformers, no "
+        "vLLM); default ppo",
+    )
+    ap.add_argument(
+        "--group-size",
+        type=int,
+        default=4,
+        help="grpo: completions per prompt (TRL's num_generations); --batch-size counts "
+        "completions and must be a multiple of it; default 4",
+    )
+    ap.add_argument(
+        "--beta",
+        type=float,
+        default=0.05,
+        help="grpo: coefficient of the k3 KL loss term to the SFT reference (TRL's beta); "
+        "default 0.05, so both libraries run the reference model",
+    )
+    add_run_args(ap, "world, SFT, reward model, PPO or GRPO runs")
     args = ap.parse_args(argv)
+    if args.algo == "grpo" and (
+        args.batch_size % args.group_size or args.minibatch_size % args.group_size
+    ):
+        ap.error("--group-size must divide --batch-size and --minibatch-size (whole groups)")
     if args.batch_size % args.minibatch_size:
         ap.error("--minibatch-size must divide --batch-size")
     if args.episodes < args.batch_size or args.episodes % args.batch_size:
@@ -481,6 +659,7 @@ def main(argv: list[str] | None = None) -> None:
         work_folder(stack, args, "rlhf-bench-")
         import trl  # imported before any timing: its import is slow and not PPO work
         import trl.experimental.ppo
+        from trl import GRPOTrainer  # noqa: F401  (likewise)
 
         setup = build_setup(args.out, args)
         err = check_adapters(setup, args)
@@ -497,10 +676,14 @@ def main(argv: list[str] | None = None) -> None:
             f"{len(setup.held)} held-out prompts",
             flush=True,
         )
+        grpo = args.algo == "grpo"
+        run_ours, run_theirs = (
+            (run_cliprail_grpo, run_trl_grpo) if grpo else (run_cliprail, run_trl)
+        )
         ours, theirs = alternate(
             args.repeats,
-            lambda rep: run_cliprail(setup, args, rep, eval_models),
-            lambda rep: run_trl(setup, args, rep, eval_models),
+            lambda rep: run_ours(setup, args, rep, eval_models),
+            lambda rep: run_theirs(setup, args, rep, eval_models),
             lambda a, b: (
                 f"cliprail {a.seconds:.1f} s, gold {a.gold:.3f}; trl {b.seconds:.1f} s, "
                 f"gold {b.gold:.3f}; ratio "
@@ -510,17 +693,26 @@ def main(argv: list[str] | None = None) -> None:
         a = summarise("cliprail", ours)
         b = summarise("trl", theirs)
         response_len = response_length_of(Path(args.out) / "ppo-cliprail-0")
-        floors = [model_floor(setup, args, response_len) for _ in range(max(args.repeats, 1))]
+        floors = [
+            model_floor(setup, args, response_len, critic=not grpo)
+            for _ in range(max(args.repeats, 1))
+        ]
         floor = statistics.median(floors)
         trl_s = statistics.median(r.seconds for r in theirs)
+        passes = (
+            "reference and reward forwards, {e} epochs of policy forward+backward"
+            if grpo
+            else "reference, reward and value forwards, {e} epochs of policy and value "
+            "forward+backward"
+        ).format(e=args.epochs)
         print(
-            f"floor: the model passes of this work alone (reference, reward and value forwards, "
-            f"{args.epochs} epochs of policy and value forward+backward; no generation, PPO "
-            f"maths or optimizer; {response_len}-token responses) take {floor:.1f} s, so no "
-            f"library on these kernels can beat TRL by more than {trl_s / floor:.1f}x here",
+            f"floor: the model passes of this work alone ({passes}; no generation, "
+            f"{args.algo.upper()} maths or optimizer; {response_len}-token responses) take "
+            f"{floor:.1f} s, so no library on these kernels can beat TRL by more than "
+            f"{trl_s / floor:.1f}x here",
             flush=True,
         )
-        print(f"ratio cliprail/trl episodes/s: {a / b:.1f}x")
+        print(f"ratio cliprail/trl {args.algo.upper()} episodes/s: {a / b:.1f}x")
 
 
 if __name__ == "__main__":
