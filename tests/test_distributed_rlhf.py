@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from cliprail.cli import main
 from cliprail.distributed import init_process_group
@@ -189,15 +189,16 @@ def _ppo_cfg(pipe: Path, run: Path, **kw):
     return PPOConfig(**{**base, **kw})
 
 
-def _fixed_update(pipe: Path, rows: slice, dp) -> dict[str, torch.Tensor]:
-    """One ppo_step on rows ``rows`` of a rollout every rank generates identically."""
+def _fixed_update(pipe: Path, rows: slice, dp, **family) -> dict[str, torch.Tensor]:
+    """One ppo_step on rows ``rows`` of a rollout every rank generates identically (``family``:
+    the issue-16 options, e.g. a critic-free advantage)."""
     from cliprail.ppo import FixedKLController
     from cliprail.rlhf.common import adamw
     from cliprail.rlhf.ppo import load_models, ppo_step, rollout
     from cliprail.rlhf.sampling import load_requests
 
     n = len(range(16)[rows])  # each rank: one minibatch of its rows, 2 epochs
-    cfg = _ppo_cfg(pipe, pipe / "unused", batch_size=16, minibatch_size=16)
+    cfg = _ppo_cfg(pipe, pipe / "unused", batch_size=16, minibatch_size=16, **family)
     torch.manual_seed(0)
     m = load_models(cfg)
     prompts = [r.prompt for r in load_requests(cfg.prompts) if r.split == "train"][:16]
@@ -208,18 +209,26 @@ def _fixed_update(pipe: Path, rows: slice, dp) -> dict[str, torch.Tensor]:
     half = type(ro)(**{k: (v[rows] if isinstance(v, torch.Tensor) and k != "query_len" else v)
                        for k, v in vars(ro).items()})  # fmt: skip
     m.dp = dp
-    m.policy, m.value = dp.prepare(m.policy), dp.prepare(m.value)  # FSDP: sharded here
-    m.train_policy, m.train_value = dp.wrap(m.policy), dp.wrap(m.value)
-    params = [p for p in [*m.policy.parameters(), *m.value.parameters()] if p.requires_grad]
-    cfg = _ppo_cfg(pipe, pipe / "unused", batch_size=n, minibatch_size=n)
-    stats = ppo_step(m, cfg, half, adamw(params, cfg.learning_rate), FixedKLController(0.05),
-                     torch.Generator().manual_seed(1))  # fmt: skip
-    with dp.gathered(m.policy, m.value):
-        return {
-            **{f"policy.{k}": v.clone() for k, v in dp.module_state(m.policy).items()},
-            **{f"value.{k}": v.clone() for k, v in dp.module_state(m.value).items()},
-            "approx_kl": torch.tensor(stats["approx_kl"], dtype=torch.float64),
+    if family:  # a critic-free run holds no value model
+        m.value = None
+    models = {"policy": m.policy} | ({"value": m.value} if m.value is not None else {})
+    models = {k: dp.prepare(v) for k, v in models.items()}  # FSDP: sharded here
+    m.policy, m.value = models["policy"], models.get("value")
+    m.train_policy = dp.wrap(m.policy)
+    m.train_value = dp.wrap(m.value) if m.value is not None else None
+    params = [p for mod in models.values() for p in mod.parameters() if p.requires_grad]
+    cfg = _ppo_cfg(pipe, pipe / "unused", batch_size=n, minibatch_size=n, **family)
+    # plain SGD for the family runs: Adam's first steps are nearly sign(g), blind to a gradient
+    # scaled by the wrong (local) std, which this comparison must see
+    opt = torch.optim.SGD(params, lr=0.5) if family else adamw(params, cfg.learning_rate)
+    stats = ppo_step(m, cfg, half, opt, FixedKLController(0.05), torch.Generator().manual_seed(1))
+    with dp.gathered(*models.values()):
+        weights = {
+            f"{name}.{k}": v.clone()
+            for name, mod in models.items()
+            for k, v in dp.module_state(mod).items()
         }
+        return {**weights, "approx_kl": torch.tensor(stats["approx_kl"], dtype=torch.float64)}
 
 
 CHANGES = ("os.rename", "os.replace", "os.remove", "os.unlink", "os.mkdir", "shutil.rmtree",
@@ -293,6 +302,47 @@ def _fsdp_checks(pipe: Path, run: Path, out: Path, dp) -> dict:
     ckpt.ckpt.root = out / "again"
     ckpt.save(state["step"], {})
     return {"lengths": lengths, "restored": path.name}
+
+
+GRPO_2RANK = {"advantage": "grpo", "group_size": 4, "group_scale": "batch",
+              "loss_agg": "seq_mean_token_mean", "kl_in": "loss",
+              "no_eos_penalty": None}  # fmt: skip
+"""Each half holds two whole groups; the batch std and the response-count loss scale must be
+global for two ranks to make one process's update. The reward model's own scores: with 8-token
+responses the no-EOS penalty would give every response -1 and every advantage 0 (a vacuous
+comparison, found by breaking the global std on purpose)."""
+
+
+def _grpo_worker(rank: int, pipe: str, out: str) -> None:
+    from cliprail.rlhf.parallel import DataParallel
+
+    init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    dp = DataParallel.from_env()
+    res = _fixed_update(Path(pipe), slice(rank * 8, (rank + 1) * 8), dp, **GRPO_2RANK)
+    save_file({k: v.contiguous() for k, v in res.items()}, str(Path(out) / f"grpo{rank}.st"))
+    dist.destroy_process_group()
+
+
+def test_grpo_update_on_two_ranks_matches_one_process(pipeline, tmp_path):
+    """Issue 16: groups whole on each rank, the batch std over both, the per-response loss mean
+    scaled by response counts: two ranks of 8 make the update one process makes on 16."""
+    from cliprail.rlhf.parallel import DataParallel
+
+    mp.spawn(_grpo_worker, args=(str(pipeline), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (load_file(tmp_path / f"grpo{r}.st") for r in range(2))
+    torch.set_num_threads(1)
+    one = _fixed_update(pipeline, slice(0, 16), DataParallel.single(), **GRPO_2RANK)
+    assert not any(k.startswith("value.") for k in one)
+    sft = load_file(pipeline / "sft" / "model" / "model.safetensors")
+    moved = max(float((one[f"policy.{k}"] - v).abs().max()) for k, v in sft.items()
+                if f"policy.{k}" in one)  # fmt: skip
+    assert moved > 1e-3, moved  # the update did something to compare
+    for k in one:
+        assert torch.equal(r0[k], r1[k]), k
+    one.pop("approx_kl")
+    worst = max(float((r0[k] - one[k]).abs().max()) for k in one)
+    assert worst < 1e-5, worst
 
 
 @pytest.fixture(scope="module")
