@@ -8,7 +8,11 @@ values and VecNormalize). Each library runs with its own default torch thread se
 gradient steps. Raw env stepping with random actions is the ceiling. Measurements alternate
 between the libraries and the medians are reported; the last line is the HalfCheetah ratio.
 
-    python benchmarks/rl_throughput.py [--rollouts 3] [--repeats 3]
+    python benchmarks/rl_throughput.py [--rollouts 3] [--repeats 3] [--compile]
+
+With ``--compile`` cliprail also runs with torch.compile of its minibatch loss, the compilation
+timed inside each run (so a short run pays it on few steps: ``--rollouts 489`` times a whole
+1M-step training).
 """
 
 from __future__ import annotations
@@ -43,12 +47,14 @@ def raw_steps_per_s(env_id: str, steps: int = 20_000) -> float:
     return steps / (time.perf_counter() - t0)
 
 
-def cliprail_steps_per_s(env_id: str, rollouts: int, seed: int) -> float:
+def cliprail_steps_per_s(env_id: str, rollouts: int, seed: int, compile: bool = False) -> float:
+    """Steps per second of one whole ``train()`` call: with ``compile``, the compilation at the
+    first update is inside the timed span (amortised over ``rollouts``)."""
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = preset_config("mujoco", env_id=env_id, total_steps=rollouts * HORIZON, seed=seed,
                             run_dir=Path(tmp) / "run", progress=False, tensorboard=False,
-                            checkpoint_every=0)  # fmt: skip
+                            checkpoint_every=0, compile=compile)  # fmt: skip
         trainer = RLTrainer(cfg)
         t0 = time.perf_counter()
         trainer.train()
@@ -82,6 +88,13 @@ def main() -> None:
     )
     ap.add_argument("--repeats", type=int, default=3, help="alternating measurements per library")
     ap.add_argument("--envs", nargs="+", default=ENVS)
+    ap.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time cliprail with --compile (torch.compile of the minibatch loss), the "
+        "compilation counted inside each timed run; the ratio lines then use the compiled runs. "
+        "Give --rollouts 489 to time a full 1M-step training",
+    )
     args = ap.parse_args()
     sb3_threads = torch.get_num_threads()
     print(f"torch {torch.__version__}, numpy {np.__version__}, {args.rollouts} x {HORIZON} steps "
@@ -89,21 +102,32 @@ def main() -> None:
     ratios = {}
     for env_id in args.envs:
         raw = raw_steps_per_s(env_id)
-        ours, theirs = [], []
+        ours, theirs, eager = [], [], []
         for r in range(args.repeats):
-            ours.append(cliprail_steps_per_s(env_id, args.rollouts, seed=r + 1))
+            if args.compile:  # eager too, for the compile's own gain
+                eager.append(cliprail_steps_per_s(env_id, args.rollouts, seed=r + 1))
+            ours.append(cliprail_steps_per_s(env_id, args.rollouts, r + 1, compile=args.compile))
             theirs.append(sb3_steps_per_s(env_id, args.rollouts, seed=r + 1, threads=sb3_threads))
         m_ours, m_theirs = statistics.median(ours), statistics.median(theirs)
+        if eager:
+            m_eager = statistics.median(eager)
+            print(
+                f"{env_id:16s} cliprail eager {m_eager:7.0f} steps/s (runs "
+                f"{', '.join(f'{x:.0f}' for x in eager)}); --compile {m_ours / m_eager:.2f}x that, "
+                f"compilation included; eager/SB3 {m_eager / m_theirs:.2f}"
+            )
         ratios[env_id] = m_ours / m_theirs
         runs_ours = ", ".join(f"{x:.0f}" for x in ours)
         runs_theirs = ", ".join(f"{x:.0f}" for x in theirs)
         print(
-            f"{env_id:16s} raw stepping {raw:9.0f} steps/s | cliprail {m_ours:7.0f} steps/s "
+            f"{env_id:16s} raw stepping {raw:9.0f} steps/s | cliprail"
+            f"{' --compile' if args.compile else ''} {m_ours:7.0f} steps/s "
             f"(runs {runs_ours}) | SB3 {m_theirs:7.0f} steps/s (runs {runs_theirs}) "
             f"| ratio {ratios[env_id]:.2f}"
         )
     for env_id, ratio in ratios.items():
-        print(f"ratio cliprail/SB3 {env_id}: {ratio:.2f}")
+        tag = " (cliprail --compile)" if args.compile else ""
+        print(f"ratio cliprail/SB3 {env_id}{tag}: {ratio:.2f}")
 
 
 if __name__ == "__main__":

@@ -140,3 +140,47 @@ def test_clip_options_are_checked(tmp_path, kw, message):
 
     with pytest.raises(ConfigError, match=message):
         RLTrainer(_cfg(tmp_path, **kw))
+
+
+def _train_params(tmp_path, name, **kw):
+    tr = RLTrainer(_cfg(tmp_path, name, num_envs=2, num_steps=64, minibatch_size=32, epochs=2,
+                        total_steps=256, **kw))  # fmt: skip
+    tr.train()
+    return _params(tr)
+
+
+def test_compile_matches_eager_to_float_rounding(tmp_path, capsys):
+    """Issue 17: --compile runs the same maths (clip annealed over 2 updates, a tensor input,
+    no recompile) and ends within float rounding of the eager run."""
+    from torch._dynamo.utils import counters
+
+    eager = _train_params(tmp_path, "eager")
+    counters.clear()
+    compiled = _train_params(tmp_path, "compiled", compile=True)
+    assert "--compile" not in capsys.readouterr().err  # it compiled, no fallback
+    assert counters["stats"]["unique_graphs"] == 1  # the annealed clip did not recompile
+    worst = max(float((eager[k] - compiled[k]).abs().max()) for k in eager)
+    assert worst < 1e-4, worst
+    assert any(not torch.equal(eager[k], v) for k, v in _params_start(tmp_path).items())
+
+
+def _params_start(tmp_path):
+    tr = RLTrainer(_cfg(tmp_path, "start", num_envs=2, num_steps=64, minibatch_size=32))
+    tr.envs.close()
+    return _params(tr)
+
+
+def test_compile_falls_back_to_eager_when_it_fails(tmp_path, monkeypatch, capsys):
+    def broken(fn, **kw):
+        def call(*a, **k):
+            raise RuntimeError("InductorError: no working C++ compiler\nmore lines")
+
+        return call
+
+    eager = _train_params(tmp_path, "eager")
+    monkeypatch.setattr(torch, "compile", broken)
+    fallback = _train_params(tmp_path, "fallback", compile=True)
+    err = capsys.readouterr().err
+    assert err.count("--compile: torch.compile failed (RuntimeError: InductorError") == 1
+    assert "training continues eagerly" in err
+    assert all(torch.equal(eager[k], fallback[k]) for k in eager)  # eager from the first step

@@ -22,16 +22,15 @@ def _ratio_stats(
     log_ratio: Tensor,
     ratio: Tensor,
     mask: Tensor | None,
-    clip_range: float,
-    clip_range_high: float | None = None,
+    clip_range: float | Tensor,
+    clip_range_high: float | Tensor | None = None,
 ) -> Stats:
-    high = clip_range if clip_range_high is None else clip_range_high
     with torch.no_grad():
         lr, r = log_ratio.detach(), ratio.detach()
-        if high == clip_range:
+        if clip_range_high is None:  # no branch on the values: clip ranges may be tensors
             outside = (r - 1.0).abs() > clip_range
         else:
-            outside = (r < 1.0 - clip_range) | (r > 1.0 + high)
+            outside = (r < 1.0 - clip_range) | (r > 1.0 + clip_range_high)
         if mask is not None:
             m = mask if mask.dtype == torch.bool else mask != 0
             r_min, r_max = torch.aminmax(r[m]) if bool(m.any()) else (r.new_ones(()),) * 2
@@ -106,8 +105,8 @@ def clipped_surrogate(
     advantages: Tensor,
     mask: Tensor | None = None,
     *,
-    clip_range: float = 0.2,
-    clip_range_high: float | None = None,
+    clip_range: float | Tensor = 0.2,
+    clip_range_high: float | Tensor | None = None,
     dual_clip: float | None = None,
     ratio_level: Literal["token", "sequence"] = "token",
     loss_agg: str = "token_mean",
@@ -164,7 +163,7 @@ def clipped_surrogate(
         raise ValueError(f"unknown ratio_level {ratio_level!r}; expected 'token' or 'sequence'")
     ratio = torch.exp(used_log_ratio)
     surr_unclipped = ratio * advantages
-    surr_clipped = torch.clamp(ratio, 1.0 - clip_range, 1.0 + high) * advantages
+    surr_clipped = torch.clamp(ratio, 1.0 - clip_range, 1.0 + high) * advantages  # type: ignore[arg-type]  # a float or a tensor, both fine
     objective = torch.minimum(surr_unclipped, surr_clipped)  # (*S) eq. 7
     dual_stats: Stats = {}
     if dual_clip is not None:
@@ -177,7 +176,7 @@ def clipped_surrogate(
             dual_stats["dual_clip_fraction"] = masked_mean(hit.to(ratio.dtype), mask)
         objective = torch.where(negative, bounded, objective)
     loss = -aggregate_loss(objective, mask, loss_agg, normaliser=agg_normaliser)
-    stats = _ratio_stats(used_log_ratio, ratio, mask, clip_range, high)
+    stats = _ratio_stats(used_log_ratio, ratio, mask, clip_range, clip_range_high)
     stats.update(dual_stats)
     return loss, stats
 
@@ -188,7 +187,7 @@ def plain_surrogate(
     advantages: Tensor,
     mask: Tensor | None = None,
     *,
-    clip_range: float = 0.2,
+    clip_range: float | Tensor = 0.2,
 ) -> tuple[Tensor, Stats]:
     """The unconstrained surrogate ``-E[r A]`` (the "no clipping or penalty" row of the PPO
     paper's Table 1). ``clip_range`` only sets the threshold of the ``clip_fraction`` diagnostic.
@@ -206,7 +205,7 @@ def kl_penalized_surrogate(
     mask: Tensor | None = None,
     *,
     beta: float,
-    clip_range: float = 0.2,
+    clip_range: float | Tensor = 0.2,
 ) -> tuple[Tensor, Stats]:
     """The KL-penalty objective, PPO paper eq. 8: ``-E[r A - beta KL(pi_old, pi)]``.
 

@@ -135,6 +135,13 @@ class RLConfig:
     """Torch device for the networks: cpu, cuda, cuda:1..."""
     torch_threads: int = 1
     """Intra-op threads of torch; 1 is fastest for small MLPs, 0 keeps torch's default."""
+    compile: bool = False
+    """Compile each minibatch's loss (the networks' forward and the PPO terms, and their
+    backward) with torch.compile: one fused graph instead of dozens of small ops (1.7x on the
+    MuJoCo preset's minibatch on 2 CPU cores, after a compile of 10-40 s at the first update).
+    The same maths, summed in another order: results agree with the eager path to float
+    rounding, not bitwise. Where compilation fails (no C++ compiler, an unsupported op) the run
+    says so once and continues eagerly."""
     progress: bool = True
     """Show a progress bar (steps, steps/s, recent return)."""
     tensorboard: bool = True

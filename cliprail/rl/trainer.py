@@ -16,6 +16,7 @@ each of those calls is the single-process computation.
 from __future__ import annotations
 
 import collections
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -153,6 +154,9 @@ class RLTrainer:
         )
         self._alloc_buffers()
         self._env_actions = EnvActions(self.spec)
+        self._compiled: Callable[..., tuple[Tensor, dict[str, Tensor]]] | None = (
+            torch.compile(self._loss_terms, dynamic=False) if cfg.compile else None
+        )
 
     @property
     def is_main(self) -> bool:
@@ -275,7 +279,7 @@ class RLTrainer:
         )
 
     # --- learning ----------------------------------------------------------------------------
-    def _objective(self, clip: float) -> Callable[..., tuple[Tensor, dict[str, Tensor]]]:
+    def _objective(self, clip: float | Tensor) -> Callable[..., tuple[Tensor, dict[str, Tensor]]]:
         cfg = self.cfg
         if cfg.objective == "clip":
             # clip-higher's upper epsilon annealed in proportion with the lower one
@@ -289,6 +293,54 @@ class RLTrainer:
             return partial(plain_surrogate, clip_range=clip)
         assert self.kl_ctl is not None
         return partial(kl_penalized_surrogate, beta=self.kl_ctl.beta, clip_range=clip)
+
+    def _loss_terms(
+        self,
+        clip: float | Tensor,
+        obs: Tensor,
+        actions: Tensor,
+        old_logprobs: Tensor,
+        old_values: Tensor,
+        returns: Tensor,
+        advantages: Tensor,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """One minibatch's loss (PPO paper eq. 9) and its statistics: the networks' forward and
+        the PPO terms, the part ``--compile`` compiles."""
+        cfg = self.cfg
+        logprobs, entropy, values = self.agent.evaluate(obs, actions)
+        pg_loss, stats = self._objective(clip)(logprobs, old_logprobs, advantages)
+        v_loss, v_stats = value_loss(values, old_values, returns, clip_range=cfg.clip_range_vf)
+        loss = pg_loss + cfg.vf_coef * v_loss  # PPO paper eq. 9
+        if cfg.ent_coef:
+            ent, e_stats = entropy_bonus(entropy)
+            loss = loss - cfg.ent_coef * ent
+        else:  # no bonus: keep the diagnostic, spare the graph
+            ent, e_stats = entropy_bonus(entropy.detach())
+        stats.update(v_stats)
+        stats.update(e_stats)
+        stats["policy_loss"] = pg_loss.detach()
+        stats["value_loss"] = v_loss.detach()
+        return loss, stats
+
+    def _minibatch_loss(
+        self, clip: float | Tensor, *tensors: Tensor
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """:meth:`_loss_terms`, compiled under ``--compile``; eager where compiling failed (said
+        once on standard error, then eager for the rest of the run)."""
+        if self._compiled is None:
+            return self._loss_terms(clip, *tensors)
+        try:
+            return self._compiled(clip, *tensors)
+        except Exception as exc:  # torch.compile fails at the first call, in many ways
+            if self.is_main:
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                print(
+                    f"cliprail: --compile: torch.compile failed ({type(exc).__name__}: "
+                    f"{first[:200]}); training continues eagerly",
+                    file=sys.stderr,
+                )
+            self._compiled = None
+            return self._loss_terms(float(clip), *tensors)
 
     def update(self, ro: Rollout, clip: float) -> dict[str, float]:
         """One PPO update over ``ro``: GAE, then epochs x minibatches."""
@@ -311,31 +363,21 @@ class RLTrainer:
             "advantages": advantages.reshape(-1),
             "returns": returns.reshape(-1),
         }
-        objective = self._objective(clip)
+        # --compile: the clip range as a tensor input, so annealing it does not recompile
+        clip_arg: float | Tensor = (
+            torch.tensor(clip, dtype=torch.float64) if self._compiled else clip
+        )  # float64: float(clip_arg) is the clip itself, for the eager fallback
         # Whiten over the global minibatch: this rank's rows and the other ranks' rows of the
-        # same step (with one process, masked_whiten itself).
+        # same step (with one process, masked_whiten itself); outside the compiled loss, as it
+        # is a collective under torchrun.
         whiten = self.dist.whiten
 
         def loss_fn(mb: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-            logprobs, entropy, values = self.agent.evaluate(mb["obs"], mb["actions"])
             adv = mb["advantages"]
             if cfg.normalize_advantages:
                 adv = whiten(adv)
-            pg_loss, stats = objective(logprobs, mb["logprobs"], adv)
-            v_loss, v_stats = value_loss(
-                values, mb["values"], mb["returns"], clip_range=cfg.clip_range_vf
-            )
-            loss = pg_loss + cfg.vf_coef * v_loss  # PPO paper eq. 9
-            if cfg.ent_coef:
-                ent, e_stats = entropy_bonus(entropy)
-                loss = loss - cfg.ent_coef * ent
-            else:  # no bonus: keep the diagnostic, spare the graph
-                ent, e_stats = entropy_bonus(entropy.detach())
-            stats.update(v_stats)
-            stats.update(e_stats)
-            stats["policy_loss"] = pg_loss.detach()
-            stats["value_loss"] = v_loss.detach()
-            return loss, stats
+            return self._minibatch_loss(clip_arg, mb["obs"], mb["actions"], mb["logprobs"],
+                                        mb["values"], mb["returns"], adv)  # fmt: skip
 
         result = ppo_update(
             loss_fn,
