@@ -9,6 +9,7 @@ gradient steps. Raw env stepping with random actions is the ceiling. Measurement
 between the libraries and the medians are reported; the last line is the HalfCheetah ratio.
 
     python benchmarks/rl_throughput.py [--rollouts 3] [--repeats 3] [--compile]
+    python benchmarks/rl_throughput.py --preset atari --envs ALE/Pong-v5 --rollouts 10
 
 With ``--compile`` cliprail also runs with torch.compile of its minibatch loss, the compilation
 timed inside each run (so a short run pays it on few steps: ``--rollouts 489`` times a whole
@@ -32,9 +33,14 @@ from cliprail.rl.trainer import RLTrainer
 
 ENVS = ["CartPole-v1", "HalfCheetah-v5"]
 HORIZON = 2048
+THREADS = 2  # torch threads where the preset keeps torch's default (atari): the 2 cores
 
 
 def raw_steps_per_s(env_id: str, steps: int = 20_000) -> float:
+    if env_id.startswith("ALE/"):
+        import ale_py
+
+        gym.register_envs(ale_py)
     env = gym.make(env_id)
     env.reset(seed=0)
     env.action_space.seed(0)
@@ -47,12 +53,16 @@ def raw_steps_per_s(env_id: str, steps: int = 20_000) -> float:
     return steps / (time.perf_counter() - t0)
 
 
-def cliprail_steps_per_s(env_id: str, rollouts: int, seed: int, compile: bool = False) -> float:
+def cliprail_steps_per_s(
+    env_id: str, rollouts: int, seed: int, compile: bool = False, preset: str = "mujoco"
+) -> float:
     """Steps per second of one whole ``train()`` call: with ``compile``, the compilation at the
     first update is inside the timed span (amortised over ``rollouts``)."""
-    torch.set_num_threads(1)
+    base = preset_config(preset)
+    torch.set_num_threads(max(base.torch_threads, 1) if base.torch_threads else THREADS)
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = preset_config("mujoco", env_id=env_id, total_steps=rollouts * HORIZON, seed=seed,
+        cfg = preset_config(preset, env_id=env_id,
+                            total_steps=rollouts * base.num_envs * base.num_steps, seed=seed,
                             run_dir=Path(tmp) / "run", progress=False, tensorboard=False,
                             checkpoint_every=0, compile=compile)  # fmt: skip
         trainer = RLTrainer(cfg)
@@ -81,6 +91,36 @@ def sb3_steps_per_s(env_id: str, rollouts: int, seed: int, threads: int) -> floa
     return steps / (time.perf_counter() - t0)
 
 
+def sb3_atari_steps_per_s(env_id: str, rollouts: int, seed: int, threads: int) -> float:
+    """SB3's PPO with the `atari` preset's values (paper Table 5): 8 envs x 128 steps, 3 epochs
+    of minibatch 256, lr 2.5e-4 and clip 0.1 annealed to 0, c1 1, c2 0.01, the Nature CNN, its
+    Atari wrappers (noop 30, frame skip 4 with max-pool, episodic life, fire reset, 84x84 gray,
+    reward clip) and 4 stacked frames."""
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.env_util import make_atari_env
+    from stable_baselines3.common.vec_env import VecFrameStack
+
+    torch.set_num_threads(threads)
+    # ALE/*-v5 skips 4 frames and repeats actions with p 0.25 by itself; the paper's setting
+    # (cliprail's preset) is NoFrameskip-style: no env frame skip, no sticky actions
+    env = VecFrameStack(
+        make_atari_env(env_id, n_envs=8, seed=seed,
+                       env_kwargs={"frameskip": 1, "repeat_action_probability": 0.0}),
+        n_stack=4,
+    )  # fmt: skip
+    model = PPO(
+        "CnnPolicy", env, n_steps=128, batch_size=256, n_epochs=3,
+        learning_rate=lambda progress: 2.5e-4 * progress, gamma=0.99, gae_lambda=0.95,
+        clip_range=lambda progress: 0.1 * progress, ent_coef=0.01, vf_coef=1.0,
+        max_grad_norm=0.5, seed=seed, device="cpu", verbose=0,
+    )  # fmt: skip
+    t0 = time.perf_counter()
+    model.learn(rollouts * 8 * 128)
+    steps = model.num_timesteps
+    env.close()
+    return steps / (time.perf_counter() - t0)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument(
@@ -88,6 +128,14 @@ def main() -> None:
     )
     ap.add_argument("--repeats", type=int, default=3, help="alternating measurements per library")
     ap.add_argument("--envs", nargs="+", default=ENVS)
+    ap.add_argument(
+        "--preset",
+        choices=("mujoco", "atari"),
+        default="mujoco",
+        help="cliprail's preset and SB3's matching settings: mujoco (paper Table 3, 1 env x "
+        "2048 steps) or atari (paper Table 5, 8 envs x 128 steps, Nature CNN; give --envs "
+        "ALE/Pong-v5); a rollout is one preset horizon",
+    )
     ap.add_argument(
         "--compile",
         action="store_true",
@@ -97,17 +145,22 @@ def main() -> None:
     )
     args = ap.parse_args()
     sb3_threads = torch.get_num_threads()
-    print(f"torch {torch.__version__}, numpy {np.__version__}, {args.rollouts} x {HORIZON} steps "
-          f"x {args.repeats} repeats; cliprail 1 thread, SB3 {sb3_threads} threads")  # fmt: skip
+    base = preset_config(args.preset)
+    print(f"torch {torch.__version__}, numpy {np.__version__}, preset {args.preset}: "
+          f"{args.rollouts} x {base.num_envs} x {base.num_steps} steps x {args.repeats} repeats; "
+          f"cliprail {base.torch_threads or THREADS} thread(s), SB3 {sb3_threads}")  # fmt: skip
     ratios = {}
     for env_id in args.envs:
         raw = raw_steps_per_s(env_id)
         ours, theirs, eager = [], [], []
         for r in range(args.repeats):
             if args.compile:  # eager too, for the compile's own gain
-                eager.append(cliprail_steps_per_s(env_id, args.rollouts, seed=r + 1))
-            ours.append(cliprail_steps_per_s(env_id, args.rollouts, r + 1, compile=args.compile))
-            theirs.append(sb3_steps_per_s(env_id, args.rollouts, seed=r + 1, threads=sb3_threads))
+                eager.append(cliprail_steps_per_s(env_id, args.rollouts, r + 1, False, args.preset))
+            ours.append(
+                cliprail_steps_per_s(env_id, args.rollouts, r + 1, args.compile, args.preset)
+            )
+            sb3 = sb3_atari_steps_per_s if args.preset == "atari" else sb3_steps_per_s
+            theirs.append(sb3(env_id, args.rollouts, seed=r + 1, threads=sb3_threads))
         m_ours, m_theirs = statistics.median(ours), statistics.median(theirs)
         if eager:
             m_eager = statistics.median(eager)
