@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import random
 import time
 from collections.abc import Callable
@@ -49,6 +48,7 @@ from cliprail.resume import seed_everything
 from cliprail.rlhf import sampling
 from cliprail.rlhf.common import Cost, StageOptions, adamw, held_state_mb
 from cliprail.rlhf.data import DataError
+from cliprail.rlhf.fuse import SafetyFuse
 from cliprail.rlhf.models import (
     ScalarHeadModel,
     check_vocab,
@@ -714,13 +714,7 @@ def _train_ppo(
     global_batch = cfg.batch_size * dp.world_size
     n_updates = max(1, cfg.total_episodes // global_batch)
     rng = random.Random(cfg.seed)
-    fuse: dict[str, Any] = {
-        "evals": [],
-        "best_update": 0,
-        "best_gold": -math.inf,
-        "halted": None,
-        "split": held_split,
-    }
+    fuse = SafetyFuse(cfg.kl_budget, cfg.fuse_patience, cfg.fuse_tolerance, held_split)
     ckpt = StageCheckpointer(
         cfg.run_dir,
         cfg.checkpoint_every,
@@ -735,7 +729,8 @@ def _train_ppo(
     restored = ckpt.restore() if cfg.resume else None
     if restored is not None:  # the reference is the SFT model as loaded above, before this
         _, state = restored
-        start, fuse = state["step"], state["fuse"]
+        start = state["step"]
+        fuse.load_state_dict(state["fuse"])
         skipped_in_row = state["skipped_in_row"]
         kl_ctl.load_state_dict(state["kl_controller"])
     m.train_policy = dp.wrap(m.policy)  # after the restore
@@ -744,7 +739,7 @@ def _train_ppo(
 
     def snapshot() -> dict[str, Any]:
         return {
-            "fuse": fuse,
+            "fuse": fuse.state_dict(),
             "kl_controller": kl_ctl.state_dict(),
             "skipped_in_row": skipped_in_row,
         }
@@ -755,30 +750,13 @@ def _train_ppo(
         rec = {k: v for k, v in ev.items() if not isinstance(v, list)}
         if rt is not None:
             rec.update({f"redteam_{k}": v for k, v in rt.items() if not isinstance(v, list)})
-        rec["update"] = update
-        fuse["evals"].append(rec)
-        log.log(update * global_batch, {f"eval/{k}": v for k, v in rec.items()})
-        over_budget = cfg.kl_budget is not None and rec["kl_ref"] > cfg.kl_budget
-        if rec["gold"] > fuse["best_gold"] and not over_budget:  # never keep a blown budget
-            fuse["best_gold"], fuse["best_update"] = rec["gold"], update
+        log.log(
+            update * global_batch, {f"eval/{k}": v for k, v in {**rec, "update": update}.items()}
+        )
+        decision = fuse.observe(update, rec)
+        if decision.keep:
             save_policy(m, cfg.run_dir / "best")
-        if over_budget:
-            fuse["halted"] = (
-                f"KL to the reference {rec['kl_ref']:.2f} nats passed the budget "
-                f"{cfg.kl_budget} at update {update}"
-            )
-            return True
-        recent = fuse["evals"][-cfg.fuse_patience :]
-        if len(recent) == cfg.fuse_patience and all(
-            e["gold"] < fuse["best_gold"] - cfg.fuse_tolerance for e in recent
-        ):
-            fuse["halted"] = (
-                f"eval gold score fell more than {cfg.fuse_tolerance} below the best "
-                f"({fuse['best_gold']:.3f} at update {fuse['best_update']}) for "
-                f"{cfg.fuse_patience} evaluations in a row, at update {update}"
-            )
-            return True
-        return False
+        return decision.halt is not None
 
     def fuse_halts(update: int, log: MetricsLogger) -> bool:
         """The fuse on rank 0 (the others wait for its decision)."""
@@ -820,7 +798,7 @@ def _train_ppo(
     m.cost.mark("loop_end")
     ckpt.total_cost()
     memory = held_state_mb(trained.values(), [m.ref, m.reward], optimizer)
-    return _finish(m, cfg, fuse, ckpt.wall_s(), memory)
+    return _finish(m, cfg, fuse.state_dict(), ckpt.wall_s(), memory)
 
 
 def _finish(

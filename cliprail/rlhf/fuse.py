@@ -1,0 +1,129 @@
+"""The safety fuse: it watches the evaluations made outside the reward, keeps the best policy,
+and halts a run that has drifted too far or whose true quality is falling.
+
+PPO makes the proxy reward rise; whether the policy got better is for checks that live outside
+the reward model to say (the healthcare gold judge, a user's own checks). Every ``eval_every``
+updates the trainer evaluates the policy on held-out prompts and hands the record to
+:meth:`SafetyFuse.observe`, which decides, from the record alone:
+
+* **keep**: the record's score beats every earlier one and its KL to the reference is within
+  the budget: the trainer saves this policy as the run's best checkpoint (a policy over the
+  budget is never kept, however well it scores);
+* **halt** on the KL budget: the evaluation's KL to the reference (nats per response) passed
+  ``kl_budget``;
+* **halt** on a falling score: ``patience`` evaluations in a row scored more than ``tolerance``
+  below the best (reward hacking as Gao et al. 2022 describe it: the proxy keeps rising while
+  the true score falls).
+
+The fuse holds no model and does no I/O; its state is one JSON-able dict (``fuse.json`` and the
+checkpoints hold it), so it is tested alone and resumes exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What one evaluation means for the run."""
+
+    keep: bool
+    """Save this policy as the best checkpoint."""
+    halt: str | None
+    """Why the run must stop now, or None."""
+
+
+class SafetyFuse:
+    """State, halting rules and best-checkpoint choice of the safety fuse.
+
+    Args:
+        kl_budget: halt when an evaluation's ``kl_ref`` passes this (nats per response); None:
+            no budget.
+        patience: halt after this many evaluations in a row below the best by more than
+            ``tolerance``.
+        tolerance: the drop in score that counts as a fall.
+        split: the prompts the fuse evaluates on (recorded, for the reports).
+        score: the record's key the choice and the halting follow (``gold`` for the healthcare
+            judge; a checks plug-in's ``score``). A record without it (no checks at all) is
+            watched on KL alone: the fuse keeps the latest policy within the budget.
+
+    >>> fuse = SafetyFuse(kl_budget=10.0, patience=2, tolerance=0.02)
+    >>> [fuse.observe(u, {"gold": g, "kl_ref": k}) for u, g, k in
+    ...  ((0, 0.5, 0.0), (4, 0.7, 1.0), (8, 0.6, 2.0), (12, 0.6, 3.0))][-1].halt is not None
+    True
+    >>> fuse.best_update, fuse.best_score
+    (4, 0.7)
+    """
+
+    def __init__(
+        self,
+        kl_budget: float | None,
+        patience: int,
+        tolerance: float,
+        split: str = "val",
+        score: str = "gold",
+    ) -> None:
+        if patience <= 0:
+            raise ValueError(f"patience must be > 0, got {patience}")
+        self.kl_budget, self.patience, self.tolerance = kl_budget, patience, tolerance
+        self.split, self.score = split, score
+        self.evals: list[dict[str, Any]] = []
+        self.best_update = 0
+        self.best_score = -math.inf
+        self.halted: str | None = None
+
+    def observe(self, update: int, record: dict[str, Any]) -> Decision:
+        """Take the evaluation ``record`` (its ``kl_ref`` and, when the run has checks, its
+        score) made after ``update`` updates; returns whether to keep this policy and whether
+        to halt. The record is appended to the history with its update."""
+        rec = {**record, "update": update}
+        self.evals.append(rec)
+        kl = float(rec.get("kl_ref", math.nan))
+        over_budget = self.kl_budget is not None and kl > self.kl_budget
+        # with no score, the newest policy within the budget is the one to keep
+        score = float(rec.get(self.score, len(self.evals)))
+        keep = score > self.best_score and not over_budget  # never keep a blown budget
+        if keep:
+            self.best_score, self.best_update = score, update
+        if over_budget:
+            self.halted = (
+                f"KL to the reference {kl:.2f} nats passed the budget {self.kl_budget} at "
+                f"update {update}"
+            )
+        elif self.score in rec:
+            recent = self.evals[-self.patience :]
+            if len(recent) == self.patience and all(
+                float(e[self.score]) < self.best_score - self.tolerance for e in recent
+            ):
+                self.halted = (
+                    f"eval {self.score} score fell more than {self.tolerance} below the best "
+                    f"({self.best_score:.3f} at update {self.best_update}) for {self.patience} "
+                    f"evaluations in a row, at update {update}"
+                )
+        return Decision(keep, self.halted)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The fuse as ``fuse.json`` writes it: ``evals`` (every record with its update),
+        ``best_update``, ``best_gold`` (the best score, under its historical name), ``halted``,
+        ``split`` and ``score``."""
+        return {
+            "evals": list(self.evals),
+            "best_update": self.best_update,
+            "best_gold": self.best_score,
+            "halted": self.halted,
+            "split": self.split,
+            "score": self.score,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` wrote (a checkpoint of a run saved before the
+        ``score`` key existed followed the gold score)."""
+        self.evals = list(state["evals"])
+        self.best_update = int(state["best_update"])
+        self.best_score = float(state["best_gold"])
+        self.halted = state.get("halted")
+        self.split = state.get("split", self.split)
+        self.score = state.get("score", "gold")

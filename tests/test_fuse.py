@@ -1,0 +1,90 @@
+"""The safety fuse alone (issue 15): halting rules, best-checkpoint choice and resume, from
+evaluation records, without models."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from cliprail.rlhf.fuse import SafetyFuse
+
+
+def _run(fuse, records):
+    out = []
+    for update, rec in records:
+        d = fuse.observe(update, rec)
+        out.append((d.keep, d.halt is not None))
+        if d.halt:
+            break
+    return out
+
+
+def test_keeps_the_best_and_halts_after_patience_falls():
+    fuse = SafetyFuse(kl_budget=20.0, patience=3, tolerance=0.02)
+    recs = [(0, 0.80), (4, 0.90), (8, 0.89), (12, 0.87), (16, 0.85), (20, 0.84), (24, 0.95)]
+    out = _run(fuse, [(u, {"gold": g, "kl_ref": 1.0}) for u, g in recs])
+    # 0.89 is within the tolerance (not a fall): the three falls are 0.87, 0.85, 0.84
+    assert out == [(True, False), (True, False), (False, False), (False, False),
+                   (False, False), (False, True)]  # fmt: skip
+    assert fuse.best_update == 4 and fuse.best_score == 0.90
+    assert "fell more than 0.02 below the best (0.900 at update 4) for 3 evaluations" in (
+        fuse.halted or ""
+    )
+    assert [e["update"] for e in fuse.evals] == [0, 4, 8, 12, 16, 20]
+
+
+def test_a_recovery_resets_the_count():
+    fuse = SafetyFuse(kl_budget=None, patience=2, tolerance=0.0)
+    out = _run(fuse, [(u, {"gold": g, "kl_ref": 99.0}) for u, g in
+                      ((0, 0.5), (1, 0.4), (2, 0.5), (3, 0.4), (4, 0.3))])  # fmt: skip
+    # no budget: KL 99 is fine; 0.5 at update 2 is not below the best: the count restarts
+    assert [h for _, h in out] == [False, False, False, False, True]
+
+
+def test_never_keeps_a_blown_kl_budget_and_halts_on_it():
+    fuse = SafetyFuse(kl_budget=5.0, patience=3, tolerance=0.02)
+    out = _run(fuse, [(0, {"gold": 0.5, "kl_ref": 0.0}), (4, {"gold": 0.99, "kl_ref": 6.0})])
+    assert out == [(True, False), (False, True)]  # the best score, over budget: not kept
+    assert fuse.best_update == 0 and "passed the budget 5.0 at update 4" in (fuse.halted or "")
+
+
+def test_no_score_watches_kl_alone_and_keeps_the_newest_within_budget():
+    fuse = SafetyFuse(kl_budget=3.0, patience=1, tolerance=0.0)
+    out = _run(fuse, [(u, {"kl_ref": k, "proxy_reward": p}) for u, k, p in
+                      ((0, 0.0, 0.1), (4, 1.0, 0.5), (8, 2.0, 0.4), (12, 4.0, 0.9))])  # fmt: skip
+    assert out == [(True, False), (True, False), (True, False), (False, True)]
+    assert fuse.best_update == 8
+
+
+def test_other_score_key():
+    fuse = SafetyFuse(kl_budget=None, patience=1, tolerance=0.1, score="score")
+    _run(fuse, [(0, {"score": 0.2, "gold": 0.9}), (1, {"score": 0.6, "gold": 0.1})])
+    assert fuse.best_update == 1  # follows "score", not "gold"
+
+
+def test_state_round_trip_resumes_exactly():
+    recs = [(u, {"gold": g, "kl_ref": 0.5}) for u, g in ((0, 0.7), (4, 0.8), (8, 0.7), (12, 0.7))]
+    straight = SafetyFuse(kl_budget=20.0, patience=3, tolerance=0.02)
+    _run(straight, [*recs, (16, {"gold": 0.7, "kl_ref": 0.5})])
+    first = SafetyFuse(kl_budget=20.0, patience=3, tolerance=0.02)
+    _run(first, recs)
+    saved = json.loads(json.dumps(first.state_dict()))  # through fuse.json / a checkpoint
+    resumed = SafetyFuse(kl_budget=20.0, patience=3, tolerance=0.02)
+    resumed.load_state_dict(saved)
+    d = resumed.observe(16, {"gold": 0.7, "kl_ref": 0.5})
+    assert d.halt == straight.halted and resumed.state_dict() == straight.state_dict()
+    # a checkpoint written before the score key existed follows gold
+    old = {k: v for k, v in saved.items() if k != "score"}
+    legacy = SafetyFuse(kl_budget=20.0, patience=3, tolerance=0.02, score="score")
+    legacy.load_state_dict(old)
+    assert legacy.score == "gold"
+
+
+def test_fresh_fuse_state():
+    fuse = SafetyFuse(kl_budget=1.0, patience=2, tolerance=0.0, split="eval")
+    st = fuse.state_dict()
+    assert st["best_gold"] == -math.inf and st["evals"] == [] and st["split"] == "eval"
+    with pytest.raises(ValueError, match="patience"):
+        SafetyFuse(kl_budget=1.0, patience=0, tolerance=0.0)
