@@ -88,3 +88,27 @@ def test_fresh_fuse_state():
     assert st["best_gold"] == -math.inf and st["evals"] == [] and st["split"] == "eval"
     with pytest.raises(ValueError, match="patience"):
         SafetyFuse(kl_budget=1.0, patience=0, tolerance=0.0)
+
+
+def test_safety_first_keeps_the_fewest_failures_and_breaks_ties_by_score():
+    fuse = SafetyFuse(kl_budget=None, patience=5, tolerance=0.0,
+                      failures=("unsafe_advice_rate", "missed_emergency_rate"))  # fmt: skip
+    recs = [
+        (0, {"gold": 0.80, "unsafe_advice_rate": 0.10, "missed_emergency_rate": 0.10}),
+        (4, {"gold": 0.95, "unsafe_advice_rate": 0.01, "missed_emergency_rate": 0.0}),
+        (8, {"gold": 0.90, "unsafe_advice_rate": 0.0, "missed_emergency_rate": 0.0}),
+        (12, {"gold": 0.97, "unsafe_advice_rate": 0.0, "missed_emergency_rate": 0.01}),
+        (16, {"gold": 0.93, "unsafe_advice_rate": 0.0, "missed_emergency_rate": 0.0}),
+    ]
+    keeps = [k for k, _ in _run(fuse, recs)]
+    # 8 beats 4 (fewer failures, lower gold); 12 fails once more: not kept; 16 ties 8 on
+    # failures and has the higher gold
+    assert keeps == [True, True, True, False, True]
+    assert fuse.best_update == 16
+    again = SafetyFuse(kl_budget=None, patience=5, tolerance=0.0)
+    again.load_state_dict(json.loads(json.dumps(fuse.state_dict())))
+    assert again.failures == fuse.failures and again.best_failures == 0.0
+    # the gold rule on the same records keeps update 12
+    gold = SafetyFuse(kl_budget=None, patience=5, tolerance=0.0)
+    _run(gold, recs)
+    assert gold.best_update == 12

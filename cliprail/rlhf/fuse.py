@@ -49,6 +49,11 @@ class SafetyFuse:
         score: the record's key the choice and the halting follow (``gold`` for the healthcare
             judge; a checks plug-in's ``score``). A record without it (no checks at all) is
             watched on KL alone: the fuse keeps the latest policy within the budget.
+        failures: record keys of failure rates that rank before the score when choosing the
+            policy to keep (``--fuse-keep safety_first``: a policy with fewer unsafe answers
+            and missed emergencies on the fuse's prompts is kept over one with a higher score;
+            the score breaks ties). Empty (the default): the score alone. The halting rule
+            follows the score either way.
 
     >>> fuse = SafetyFuse(kl_budget=10.0, patience=2, tolerance=0.02)
     >>> [fuse.observe(u, {"gold": g, "kl_ref": k}) for u, g, k in
@@ -65,14 +70,16 @@ class SafetyFuse:
         tolerance: float,
         split: str = "val",
         score: str = "gold",
+        failures: tuple[str, ...] = (),
     ) -> None:
         if patience <= 0:
             raise ValueError(f"patience must be > 0, got {patience}")
         self.kl_budget, self.patience, self.tolerance = kl_budget, patience, tolerance
-        self.split, self.score = split, score
+        self.split, self.score, self.failures = split, score, tuple(failures)
         self.evals: list[dict[str, Any]] = []
         self.best_update = 0
         self.best_score = -math.inf
+        self.best_failures = math.inf
         self.halted: str | None = None
 
     def observe(self, update: int, record: dict[str, Any]) -> Decision:
@@ -85,9 +92,11 @@ class SafetyFuse:
         over_budget = self.kl_budget is not None and kl > self.kl_budget
         # with no score, the newest policy within the budget is the one to keep
         score = float(rec.get(self.score, len(self.evals)))
-        keep = score > self.best_score and not over_budget  # never keep a blown budget
+        failed = sum(float(rec.get(k, 0.0)) for k in self.failures)  # 0 without failure keys
+        better = (failed, -score) < (self.best_failures, -self.best_score)
+        keep = better and not over_budget  # never keep a blown budget
         if keep:
-            self.best_score, self.best_update = score, update
+            self.best_score, self.best_update, self.best_failures = score, update, failed
         if over_budget:
             self.halted = (
                 f"KL to the reference {kl:.2f} nats passed the budget {self.kl_budget} at "
@@ -109,7 +118,7 @@ class SafetyFuse:
         """The fuse as ``fuse.json`` writes it: ``evals`` (every record with its update),
         ``best_update``, ``best_gold`` (the best score, under its historical name), ``halted``,
         ``split`` and ``score``."""
-        return {
+        state = {
             "evals": list(self.evals),
             "best_update": self.best_update,
             "best_gold": self.best_score,
@@ -117,6 +126,9 @@ class SafetyFuse:
             "split": self.split,
             "score": self.score,
         }
+        if self.failures:
+            state.update(failures=list(self.failures), best_failures=self.best_failures)
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` wrote (a checkpoint of a run saved before the
@@ -127,3 +139,5 @@ class SafetyFuse:
         self.halted = state.get("halted")
         self.split = state.get("split", self.split)
         self.score = state.get("score", "gold")
+        self.failures = tuple(state.get("failures", ()))
+        self.best_failures = float(state.get("best_failures", math.inf if self.failures else 0))

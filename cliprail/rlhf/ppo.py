@@ -176,6 +176,11 @@ class PPOConfig(StageOptions):
     than fuse_tolerance."""
     fuse_tolerance: float = 0.02
     """Gold-score drop that counts as a fall."""
+    fuse_keep: Literal["gold", "safety_first"] = "gold"
+    """Which evaluated policy the fuse keeps as the best checkpoint: the one with the highest
+    gold score (gold), or the one with the fewest unsafe answers and missed emergencies on the
+    fuse's held-out and red-team prompts, the gold score breaking ties (safety_first). The
+    halting rules follow the gold score either way."""
     max_prompt_len: int = 128
     """Longest prompt in tokens; longer is an error."""
     max_nonfinite_updates: int = 3
@@ -265,6 +270,16 @@ class PPOConfig(StageOptions):
             self.batch_size,
             self.no_eos_penalty,
         )
+
+
+SAFETY_FAILURES = (
+    "unsafe_advice_rate",
+    "missed_emergency_rate",
+    "redteam_unsafe_advice_rate",
+    "redteam_missed_emergency_rate",
+)
+"""The fuse record's failure rates that ``--fuse-keep safety_first`` ranks before the gold
+score."""
 
 
 @dataclass
@@ -714,7 +729,13 @@ def _train_ppo(
     global_batch = cfg.batch_size * dp.world_size
     n_updates = max(1, cfg.total_episodes // global_batch)
     rng = random.Random(cfg.seed)
-    fuse = SafetyFuse(cfg.kl_budget, cfg.fuse_patience, cfg.fuse_tolerance, held_split)
+    fuse = SafetyFuse(
+        cfg.kl_budget,
+        cfg.fuse_patience,
+        cfg.fuse_tolerance,
+        held_split,
+        failures=SAFETY_FAILURES if cfg.fuse_keep == "safety_first" else (),
+    )
     ckpt = StageCheckpointer(
         cfg.run_dir,
         cfg.checkpoint_every,
