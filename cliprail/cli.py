@@ -542,9 +542,12 @@ def fuse_line(fuse: dict[str, Any], last_policy: Path | str) -> str:
             f"no fuse evaluation ran (--eval-every 0), so no best checkpoint was kept; the "
             f"last policy is in {last_policy}"
         )
+    key = fuse.get("score", "gold")
+    scored = any(key in e for e in fuse["evals"])
+    why = f"eval {key} {fuse['best_gold']:.3f}" if scored else "the newest within the KL budget"
     return (
-        f"best checkpoint {fuse['best_checkpoint']} (update {fuse['best_update']}, eval gold "
-        f"{fuse['best_gold']:.3f}); last policy in {last_policy}"
+        f"best checkpoint {fuse['best_checkpoint']} (update {fuse['best_update']}, {why}); "
+        f"last policy in {last_policy}"
     )
 
 

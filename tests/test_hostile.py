@@ -252,11 +252,23 @@ def test_prompt_longer_than_the_context_window(pipeline, tmp_path, capsys):
     _one_line_error(capsys, rc, "exceeds the context budget of 8", "--max-prompt-len")
 
 
-def test_prompts_file_that_is_not_healthcare_requests(pipeline, tmp_path, capsys):
+def test_prompts_file_errors(pipeline, tmp_path, capsys):
+    # any prompt with extra fields is valid input (issue 15), but one prompt fills no rollout
     f = _jsonl(tmp_path / "p.jsonl", b'{"id": "a", "prompt": "hi", "colour": "red"}\n')
     rc = main(_ppo_args(pipeline, tmp_path / "run", **{"--prompts": str(f)}))
-    _one_line_error(capsys, rc, str(f), "record 1", "not a healthcare request",
-                    "unknown field 'colour'")  # fmt: skip
+    _one_line_error(capsys, rc, str(f), "1 training prompts, fewer than one rollout's 8")
+    f = _jsonl(tmp_path / "m.jsonl", b'{"prompt": "hi"}\n{"text": "no prompt"}\n')
+    rc = main(_ppo_args(pipeline, tmp_path / "run", **{"--prompts": str(f)}))
+    _one_line_error(capsys, rc, f"{f}:2: missing field 'prompt'")
+    f = _jsonl(tmp_path / "s.jsonl", b'{"prompt": "hi", "split": "test"}\n')
+    rc = main(_ppo_args(pipeline, tmp_path / "run", **{"--prompts": str(f)}))
+    _one_line_error(capsys, rc, f"{f}:1: field 'split' must be one of")
+    f = _jsonl(tmp_path / "c.jsonl", b'{"messages": [{"role": "robot", "content": "hi"}]}\n')
+    rc = main(_ppo_args(pipeline, tmp_path / "run", **{"--prompts": str(f)}))
+    _one_line_error(capsys, rc, f"{f}:1: messages[0]: unknown role 'robot'")
+    f = _jsonl(tmp_path / "r.jsonl", b'{"id": "a", "prompt": "hi", "kind": "book"}\n')
+    rc = main(_ppo_args(pipeline, tmp_path / "run", **{"--prompts": str(f)}))
+    _one_line_error(capsys, rc, f"{f}:1: not a healthcare request", "missing field 'clinician'")
     f = _jsonl(tmp_path / "q.jsonl", b'{"id": "a", "prompt": "hi", "kind": "book", "clinician": '
                b'"Dr. A", "department": "x", "open_slots": "Mon 2 Mar 09:00"}\n')  # fmt: skip
     rc = main(_ppo_args(pipeline, tmp_path / "run", **{"--prompts": str(f)}))

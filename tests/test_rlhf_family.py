@@ -51,7 +51,7 @@ def test_grpo_advantages_from_a_rollout_by_hand():
     # two prompts, G = 2: scores (1, 3) and (2, 2); the KL is in the reward: 0.5 nats/token,
     # beta 0.2 -> each response's reward is score - 0.1 * length
     ro = _rollout([1.0, 3.0, 2.0, 2.0], [2, 4, 1, 3], kl=0.5)
-    cfg = PPOConfig(prompts=None, sft_model=None, reward_model=None, run_dir=None,  # type: ignore
+    cfg = PPOConfig(prompts=None, sft_model=None, reward_model="rm", run_dir=None,  # type: ignore
                     advantage="grpo", group_size=2, group_scale="none")  # fmt: skip
     rewards, _ = token_rewards(ro, beta=0.2, estimator="k1")
     adv, ret, _ = group_advantages(ro, rewards, cfg)
@@ -61,7 +61,7 @@ def test_grpo_advantages_from_a_rollout_by_hand():
         assert adv[i, :n].tolist() == pytest.approx([expect[i]] * n)
         assert (adv[i, n:] == 0).all()
         assert ret[i, 0].item() == pytest.approx(seq[i])
-    rloo = PPOConfig(prompts=None, sft_model=None, reward_model=None, run_dir=None,  # type: ignore
+    rloo = PPOConfig(prompts=None, sft_model=None, reward_model="rm", run_dir=None,  # type: ignore
                      advantage="rloo", group_size=2)  # fmt: skip
     adv_rloo, _, _ = group_advantages(ro, rewards, rloo)
     assert adv_rloo[0, 0].item() == pytest.approx(seq[0] - seq[1])  # G = 2: minus the other
@@ -71,7 +71,7 @@ def test_grpo_advantages_from_a_rollout_by_hand():
 
 def test_reinforce_pp_advantages_from_a_rollout():
     ro = _rollout([1.0, -1.0], [3, 1], kl=0.5)
-    cfg = PPOConfig(prompts=None, sft_model=None, reward_model=None, run_dir=None,  # type: ignore
+    cfg = PPOConfig(prompts=None, sft_model=None, reward_model="rm", run_dir=None,  # type: ignore
                     advantage="reinforce_pp")  # fmt: skip
     rewards, _ = token_rewards(ro, beta=0.2, estimator="k1")
     adv, ret, _ = group_advantages(ro, rewards, cfg)

@@ -37,7 +37,7 @@ def test_token_rewards_by_hand():
     torch.testing.assert_close(kl, torch.tensor([[0.5, -1.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]]))
     expected = torch.tensor([[-0.25, 0.5, 0.0 + 2.0, 0.0], [-0.5 - 1.0, 0.0, 0.0, 0.0]])
     torch.testing.assert_close(rewards, expected)
-    cfg = PPOConfig(prompts=None, sft_model=None, reward_model=None, run_dir=None)  # type: ignore
+    cfg = PPOConfig(prompts=None, sft_model=None, reward_model="rm", run_dir=None)  # type: ignore
     adv, ret = advantages_and_returns(ro, rewards, cfg)
     # gamma 1, lambda 0.95, zero values: A_t = r_t + 0.95 A_{t+1} inside each response:
     # A_2 = 2, A_1 = 0.5 + 0.95 * 2 = 2.4, A_0 = -0.25 + 0.95 * 2.4 = 2.03; 0 on padding

@@ -33,6 +33,11 @@ line that size is a corrupt or hostile file, not data."""
 
 def read_jsonl(path: Path, fields: tuple[str, ...]) -> list[dict[str, Any]]:
     """Read ``path``; every record must be an object with non-empty string ``fields``."""
+    return [rec for _, rec in read_jsonl_lines(path, fields)]
+
+
+def read_jsonl_lines(path: Path, fields: tuple[str, ...] = ()) -> list[tuple[int, dict[str, Any]]]:
+    """:func:`read_jsonl` with each record's line number (for errors found later)."""
     try:
         raw = Path(path).read_bytes()
     except FileNotFoundError:
@@ -71,7 +76,7 @@ def read_jsonl(path: Path, fields: tuple[str, ...]) -> list[dict[str, Any]]:
                 )
             if not rec[f].strip():
                 raise DataError(f"{path}:{n}: field {f!r} is empty")
-        records.append(rec)
+        records.append((n, rec))
     if not records:
         raise DataError(f"{path}: no records")
     return records

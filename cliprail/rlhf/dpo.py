@@ -43,9 +43,9 @@ from cliprail.rlhf.models import (
     token_logprobs,
 )
 from cliprail.rlhf.parallel import DataParallel
+from cliprail.rlhf.records import PromptRecord
 from cliprail.rlhf.resume import StageCheckpointer, begin_run
 from cliprail.rlhf.sampling import Sampling, evaluate_policy, load_requests, validation_requests
-from cliprail.scenarios.healthcare import Request
 
 
 @dataclass(frozen=True)
@@ -166,7 +166,7 @@ def train_dpo(cfg: DPOConfig) -> dict[str, Any]:
 
 
 def _train_dpo(
-    cfg: DPOConfig, pairs: list[dict[str, Any]], held_requests: list[Request], dp: DataParallel
+    cfg: DPOConfig, pairs: list[dict[str, Any]], held_requests: list[PromptRecord], dp: DataParallel
 ) -> dict[str, Any]:
     dp.from_main(lambda: begin_run(cfg.run_dir, cfg))
     t0 = time.perf_counter()

@@ -12,15 +12,26 @@ from typing import Any
 from cliprail.configio import load_config_json
 from cliprail.errors import RunDirError
 from cliprail.rlhf.models import load_causal_lm
-from cliprail.rlhf.ppo import PPOConfig, evaluate_policy, load_models
-from cliprail.rlhf.sampling import load_requests, win_rate, wins_losses_ties
+from cliprail.rlhf.ppo import PPOConfig, evaluate_policy, load_models, load_prompts_of
+from cliprail.rlhf.sampling import win_rate, wins_losses_ties
 
 COLUMNS = ["gold", "scheduling", "safety", "honesty", "helpfulness", "concision",
            "unsafe_advice_rate", "unsafe_advice_rate_medical", "missed_emergency_rate",
            "missed_emergency_rate_red_flag", "wrong_or_invented_slot_rate", "wrong_action_rate",
            "no_answer_rate", "degenerate_rate", "over_refusal_rate", "proxy_reward", "kl_ref",
            "mean_length"]  # fmt: skip
-"""The keys of ``rlhf eval --json``'s "sft" and "ppo" objects, in the table's order."""
+"""The keys of ``rlhf eval --json``'s "sft" and "ppo" objects, in the table's order, for the
+healthcare judge; with other checks, :func:`columns_of`."""
+GENERIC = ["score", "proxy_reward", "kl_ref", "mean_length", "no_eos_rate"]
+
+
+def columns_of(summary: dict[str, Any]) -> list[str]:
+    """The table's rows for one evaluation summary: the healthcare judge's columns, or each
+    check's mean followed by the score, proxy reward, KL, length and no-EOS rate."""
+    if "gold" in summary and "checks" not in summary:
+        return COLUMNS
+    names = summary.get("checks", [])
+    return [*names, *(k for k in GENERIC if k in summary and k not in names)]
 
 
 @dataclass(frozen=True)
@@ -32,7 +43,7 @@ class EvalConfig:
     checkpoint: str = "best"
     """Which policy of the run: best (by eval gold), policy (the last), or a folder path."""
     split: str = "eval"
-    """Prompts to use: eval (held out) or redteam."""
+    """Prompts to use: eval (held out), val or redteam."""
     n_prompts: int = 120
     """At most this many prompts of the split."""
     json: bool = False
@@ -55,7 +66,7 @@ def compare(cfg: EvalConfig) -> dict[str, Any]:
             "--eval-every 0, so the fuse never evaluated; pass --checkpoint "
             "policy for its last policy"
         )
-    requests = [r for r in load_requests(ppo_cfg.prompts) if r.split == cfg.split][: cfg.n_prompts]
+    requests = [r for r in load_prompts_of(ppo_cfg) if r.split == cfg.split][: cfg.n_prompts]
     if not requests:
         raise RunDirError(f"{ppo_cfg.prompts}: no prompts with split {cfg.split!r}")
     models = load_models(ppo_cfg)
@@ -77,9 +88,10 @@ def compare(cfg: EvalConfig) -> dict[str, Any]:
 def table(result: dict[str, Any]) -> str:
     """A plain-text before/after table."""
     lines = [f"{'metric':30s} {'SFT':>9s} {'PPO':>9s}"]
-    for c in COLUMNS:
+    for c in columns_of(result["sft"]):
         lines.append(f"{c:30s} {result['sft'][c]:9.3f} {result['ppo'][c]:9.3f}")
-    lines.append(f"{'gold-judged win rate of PPO':30s} {'':>9s} {result['win_rate']:9.3f}")
+    judge = "gold" if columns_of(result["sft"]) is COLUMNS else "score"
+    lines.append(f"{judge + '-judged win rate of PPO':30s} {'':>9s} {result['win_rate']:9.3f}")
     lines.append(
         f"{'PPO wins / losses / ties':30s} {'':>9s} "
         f"{result['wins']} / {result['losses']} / {result['ties']}"
@@ -89,7 +101,7 @@ def table(result: dict[str, Any]) -> str:
 
 def summary_json(result: dict[str, Any]) -> str:
     slim = {
-        k: ({c: v[c] for c in COLUMNS} if k in ("sft", "ppo") else v)
+        k: ({c: v[c] for c in columns_of(v)} if k in ("sft", "ppo") else v)
         for k, v in result.items()
         if k != "prompts"
     }

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import random
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -46,6 +48,13 @@ from cliprail.ppo import (
 )
 from cliprail.resume import seed_everything
 from cliprail.rlhf import sampling
+from cliprail.rlhf.checks import (
+    Checks,
+    generic_checks,
+    healthcare_checks,
+    load_function,
+    read_blocklist,
+)
 from cliprail.rlhf.common import Cost, StageOptions, adamw, held_state_mb
 from cliprail.rlhf.data import DataError
 from cliprail.rlhf.fuse import SafetyFuse
@@ -59,9 +68,9 @@ from cliprail.rlhf.models import (
     token_logprobs,
 )
 from cliprail.rlhf.parallel import DataParallel
+from cliprail.rlhf.records import Columns, PromptRecord, healthcare_only, load_prompts
 from cliprail.rlhf.resume import StageCheckpointer, begin_run
-from cliprail.rlhf.sampling import Sampling, load_requests, sample, score, validation_requests
-from cliprail.scenarios.healthcare import Request
+from cliprail.rlhf.sampling import Rewarder, Sampling, sample, validation_requests
 
 
 @dataclass(frozen=True)
@@ -70,16 +79,46 @@ class PPOConfig(StageOptions):
     model."""
 
     prompts: Path
-    """prompts.jsonl (the healthcare Request schema): split 'train' feeds rollouts; 'val' (or
-    'eval' when the file has no 'val') and 'redteam' feed the safety fuse; 'eval' is left for
-    `rlhf eval` to test on."""
+    """The prompts: a JSONL file of {"prompt": ...} lines (optional "id", "split" and any other
+    fields, which reach the checks and the reward function), of chat records {"messages":
+    [...]} (rendered with the tokenizer's chat template), or of the healthcare world's requests;
+    or a Hugging Face dataset on disk (a save_to_disk folder, a parquet or JSON file; see
+    --prompt-column). Split 'train' feeds rollouts; 'val' (or 'eval' when there is no 'val';
+    the first 10% of a file that names no split) and 'redteam' feed the safety fuse; 'eval' is
+    left for `rlhf eval` to test on."""
     sft_model: Path
     """SFT model folder: the policy's start and the frozen reference."""
-    reward_model: Path
-    """Reward model folder (from `cliprail rlhf reward`): the frozen scorer, and the value
-    model's start."""
     run_dir: Path
     """Run folder: metrics.jsonl, policy/ (last), best/ (best eval gold), fuse.json."""
+    reward_model: Path | None = None
+    """Reward model folder (from `cliprail rlhf reward`): the frozen scorer, and the value
+    model's start. Optional when --reward-fn gives the reward (the value model then starts from
+    the SFT model's trunk)."""
+    reward_fn: str | None = None
+    """A reward function MODULE:FUNCTION (imported from the working directory or PYTHONPATH),
+    called as fn(prompts, responses, records) -> one float per response: rule-based or
+    verifiable rewards, alone or added to the reward model's score. A non-finite value drops the
+    response from its update, counted like a reward model's NaN."""
+    reward_model_weight: float = 1.0
+    """Weight of the reward model's score in the reward."""
+    reward_fn_weight: float = 1.0
+    """Weight of --reward-fn's value in the reward."""
+    checks: str = "auto"
+    """What the safety fuse and `rlhf eval` judge responses with, outside the reward: auto (the
+    healthcare gold judge for healthcare prompts, else the generic checks), healthcare, generic
+    (repetition, degeneration, refusal phrases, --blocklist), none (the fuse watches KL and the
+    proxy reward alone), or a check set MODULE:FUNCTION returning {name: [value in [0, 1] per
+    response]} (its 'score' key, or the mean of all, is what the fuse follows)."""
+    blocklist: Path | None = None
+    """A file of strings (one per line) the generic checks look for in responses."""
+    prompt_column: str = "prompt"
+    """The prompt column (or JSON key) of --prompts."""
+    messages_column: str = "messages"
+    """The chat-messages column of --prompts, for chat records."""
+    id_column: str = "id"
+    """The id column of --prompts (default ids: p1, p2, ...)."""
+    split_column: str = "split"
+    """The split column of --prompts (train, val, eval, redteam)."""
     total_episodes: int = 2048
     """Prompts to roll out in total (updates = total_episodes / batch_size)."""
     batch_size: int = 64
@@ -226,7 +265,19 @@ class PPOConfig(StageOptions):
             raise ConfigError("--eval-every must be >= 0, --eval-prompts and --fuse-patience > 0")
         if self.kl_budget is not None and not self.kl_budget >= 0:
             raise ConfigError(f"--kl-budget must be >= 0 nats, got {self.kl_budget}")
+        self._check_reward()
         self._check_family()
+
+    def _check_reward(self) -> None:
+        if self.reward_model is None and self.reward_fn is None:
+            raise ConfigError("give --reward-model, --reward-fn, or both: nothing else rewards")
+        for name in ("reward_model_weight", "reward_fn_weight"):
+            if not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"--{name.replace('_', '-')} must be a finite number")
+
+    def columns(self) -> Columns:
+        """The column names of --prompts."""
+        return Columns(self.prompt_column, self.messages_column, self.id_column, self.split_column)
 
     def _check_family(self) -> None:
         """The critic-free advantages and loss options (issue 16)."""
@@ -291,8 +342,13 @@ class Models:
     ref: torch.nn.Module
     value: ScalarHeadModel | None
     """The critic; None for the critic-free advantages (grpo, rloo, reinforce_pp)."""
-    reward: ScalarHeadModel
+    reward: ScalarHeadModel | None
+    """The reward model; None when a reward function alone rewards."""
     reward_shift: float = 0.0
+    rewarder: Rewarder | None = None
+    """The reward of each response (reward model, reward function, or their weighted sum)."""
+    checks: Checks | str | None = "auto"
+    """What the fuse judges with (:func:`cliprail.rlhf.sampling.summarize`)."""
     cost: Cost = field(default_factory=lambda: Cost("ppo"))
     dp: DataParallel = field(default_factory=lambda: DataParallel.single())
     train_policy: torch.nn.Module | None = None
@@ -306,15 +362,50 @@ def load_models(cfg: PPOConfig, device: torch.device | str = "cpu") -> Models:
     policy = load_causal_lm(cfg.sft_model, cfg.trust_remote_code)
     check_vocab(tok, policy, str(cfg.sft_model))
     ref = copy.deepcopy(policy).requires_grad_(False)
-    reward = ScalarHeadModel.load(cfg.reward_model, cfg.trust_remote_code).requires_grad_(False)
-    value = (  # init from the RM (Huang et al. 2024); no critic at all without GAE (issue 16)
-        ScalarHeadModel.load(cfg.reward_model, cfg.trust_remote_code) if cfg.uses_critic else None
-    )
-    shift = float(reward.meta(cfg.reward_model).get("shift", 0.0))
+    reward, shift, value = None, 0.0, None
+    if cfg.reward_model is not None:
+        reward = ScalarHeadModel.load(cfg.reward_model, cfg.trust_remote_code)
+        reward.requires_grad_(False)
+        shift = float(reward.meta(cfg.reward_model).get("shift", 0.0))
+    if cfg.uses_critic:  # init from the RM (Huang et al. 2024); no critic without GAE (issue 16)
+        value = (
+            ScalarHeadModel.load(cfg.reward_model, cfg.trust_remote_code)
+            if cfg.reward_model is not None
+            else ScalarHeadModel.from_causal_lm(
+                load_causal_lm(cfg.sft_model, cfg.trust_remote_code)
+            )
+        )
     for m in (policy, ref, reward, value):
         if m is not None:
             m.to(device).eval()  # dropout off in every model (Huang et al. 2024)
-    return Models(tok, policy, ref, value, reward, shift)
+    fn = load_function(cfg.reward_fn, "--reward-fn") if cfg.reward_fn else None
+    rewarder = Rewarder(reward, shift, fn, cfg.reward_model_weight, cfg.reward_fn_weight)
+    return Models(tok, policy, ref, value, reward, shift, rewarder, resolve_checks(cfg))
+
+
+def resolve_checks(cfg: PPOConfig) -> Checks | str | None:
+    """``--checks`` as :func:`cliprail.rlhf.sampling.summarize` takes it."""
+    if cfg.checks == "auto":
+        return "auto" if cfg.blocklist is None else _auto_with_blocklist(cfg)
+    if cfg.checks == "none":
+        return None
+    if cfg.checks == "healthcare":
+        return healthcare_checks
+    if cfg.checks == "generic":
+        return generic_checks(read_blocklist(cfg.blocklist))
+    return load_function(cfg.checks, "--checks")
+
+
+def _auto_with_blocklist(cfg: PPOConfig) -> Checks | str:
+    """auto with a blocklist: the generic checks with it, unless the prompts are healthcare."""
+    records = load_prompts_of(cfg)
+    return "auto" if healthcare_only(records) else generic_checks(read_blocklist(cfg.blocklist))
+
+
+def load_prompts_of(cfg: PPOConfig) -> list[PromptRecord]:
+    """The run's prompt records (chat prompts rendered with the SFT model's tokenizer)."""
+    tok = load_tokenizer(cfg.sft_model, cfg.trust_remote_code)
+    return load_prompts(cfg.prompts, tok, cfg.columns())
 
 
 def trained_modules(m: Models) -> dict[str, torch.nn.Module]:
@@ -343,12 +434,16 @@ def values_of(value_model: ScalarHeadModel, ids: Tensor, mask: Tensor, query_len
 
 
 @torch.no_grad()
-def rollout(m: Models, cfg: PPOConfig, prompts: list[str], g: torch.Generator) -> Rollout:
+def rollout(
+    m: Models, cfg: PPOConfig, prompts: Sequence[str | PromptRecord], g: torch.Generator
+) -> Rollout:
     """Sample one response to each of ``prompts`` (a prompt repeated G times gets G), score it
-    and keep what the update needs."""
+    and keep what the update needs. A reward function receives each prompt's record."""
     s = cfg.sampling()
+    records = [p if isinstance(p, PromptRecord) else {"prompt": p} for p in prompts]
+    texts = [p.prompt if isinstance(p, PromptRecord) else p for p in prompts]
     with m.dp.gathered(*trained_modules(m).values()):  # --fsdp: whole while ranks run unevenly
-        x = sample(m.policy, m.tokenizer, prompts, s, g)
+        x = sample(m.policy, m.tokenizer, texts, s, g)
         Lq = x.query_len
         logprobs = token_logprobs(m.policy, x.input_ids, x.attention_mask, Lq, cfg.temperature)
         values = (
@@ -357,7 +452,8 @@ def rollout(m: Models, cfg: PPOConfig, prompts: list[str], g: torch.Generator) -
             else torch.zeros_like(logprobs)  # (B, Lr) no critic: unused
         )
     ref_logprobs = token_logprobs(m.ref, x.input_ids, x.attention_mask, Lq, cfg.temperature)
-    scores = score(m.reward, m.reward_shift, x, m.tokenizer.eos_token_id, s)
+    rewarder = m.rewarder or Rewarder(m.reward, m.reward_shift)
+    scores = rewarder(x, records, m.tokenizer.eos_token_id, s)
     # generation, policy, reference, reward, and the value model when there is one
     m.cost.add(forward=(5 if m.value is not None else 4) * x.positions)
     return Rollout(
@@ -657,7 +753,7 @@ def ppo_step(
 
 
 def evaluate_policy(
-    m: Models, cfg: PPOConfig, requests: list[Request], policy: torch.nn.Module | None = None
+    m: Models, cfg: PPOConfig, requests: list[PromptRecord], policy: torch.nn.Module | None = None
 ) -> dict[str, Any]:
     """The shared evaluation (:func:`cliprail.rlhf.sampling.evaluate_policy`) of ``policy``
     (default: the one training) against the reference, with the run's sampling settings."""
@@ -667,8 +763,8 @@ def evaluate_policy(
         m.tokenizer,
         requests,
         cfg.sampling(),
-        m.reward,
-        m.reward_shift,
+        m.rewarder or (Rewarder(m.reward, m.reward_shift) if m.reward is not None else None),
+        checks=m.checks,
     )
 
 
@@ -678,7 +774,7 @@ def train_ppo(cfg: PPOConfig) -> dict[str, Any]:
     Under torchrun (see :mod:`cliprail.rlhf.parallel`) ``--batch-size`` prompts are rolled out
     on every rank (a share of one global sample), ``--total-episodes`` counts all ranks', the
     policy and value train under DDP, and rank 0 runs the fuse and writes the run folder."""
-    requests = load_requests(cfg.prompts)
+    requests = load_prompts_of(cfg)
     train = [r for r in requests if r.split == "train"]
     held_split, held = validation_requests(requests)
     held = held[: cfg.eval_prompts]
@@ -687,13 +783,12 @@ def train_ppo(cfg: PPOConfig) -> dict[str, Any]:
         raise DataError(f"{cfg.prompts}: no requests with split 'train'")
     dp = DataParallel.from_env(cfg.device, fsdp=cfg.fsdp)
     try:
-        if (
-            dp.world_size > 1 and len(train) < cfg.batch_size * dp.world_size
-        ):  # equal shards: lockstep
+        need = cfg.batch_size // cfg.group_size * dp.world_size  # prompts per rollout
+        if len(train) < need:  # a rollout samples them without replacement
             raise ConfigError(
-                f"{cfg.prompts}: {len(train)} training prompts, fewer than the "
-                f"global batch ({dp.world_size} ranks x --batch-size "
-                f"{cfg.batch_size}); lower --batch-size"
+                f"{cfg.prompts}: {len(train)} training prompts, fewer than one rollout's "
+                f"{need} ({dp.world_size} rank(s) x --batch-size {cfg.batch_size} / "
+                f"--group-size {cfg.group_size}); lower --batch-size or add prompts"
             )
         return _train_ppo(cfg, train, held, red, dp, held_split)
     finally:
@@ -702,9 +797,9 @@ def train_ppo(cfg: PPOConfig) -> dict[str, Any]:
 
 def _train_ppo(
     cfg: PPOConfig,
-    train: list[Request],
-    held: list[Request],
-    red: list[Request],
+    train: list[PromptRecord],
+    held: list[PromptRecord],
+    red: list[PromptRecord],
     dp: DataParallel,
     held_split: str,
 ) -> dict[str, Any]:
@@ -729,13 +824,24 @@ def _train_ppo(
     global_batch = cfg.batch_size * dp.world_size
     n_updates = max(1, cfg.total_episodes // global_batch)
     rng = random.Random(cfg.seed)
+    judge = m.checks is healthcare_checks or (m.checks == "auto" and healthcare_only([*held, *red]))
+    if cfg.fuse_keep == "safety_first" and not judge:
+        raise ConfigError("--fuse-keep safety_first counts the healthcare judge's failures")
     fuse = SafetyFuse(
         cfg.kl_budget,
         cfg.fuse_patience,
         cfg.fuse_tolerance,
         held_split,
+        score="gold" if judge else "score",  # a user's check set: its score (issue 15)
         failures=SAFETY_FAILURES if cfg.fuse_keep == "safety_first" else (),
     )
+    if m.checks is None and cfg.eval_every and dp.is_main:
+        print(
+            "cliprail: --checks none: the safety fuse watches the KL to the reference alone "
+            f"(budget {cfg.kl_budget}) and logs the proxy reward; nothing outside the reward "
+            "judges the responses, so it keeps the newest policy within the budget",
+            file=sys.stderr,
+        )
     ckpt = StageCheckpointer(
         cfg.run_dir,
         cfg.checkpoint_every,
@@ -793,7 +899,7 @@ def _train_ppo(
             n_prompts = global_batch // cfg.group_size
             sampled = rng.sample(train, min(n_prompts, len(train)))  # the same on every rank
             # each prompt G times in a row: its group stays whole on its rank (issue 16)
-            prompts = [r.prompt for r in dp.shard(sampled)[0] for _ in range(cfg.group_size)]
+            prompts = [r for r in dp.shard(sampled)[0] for _ in range(cfg.group_size)]
             ro = rollout(m, cfg, prompts, g)
             warmup = update <= cfg.critic_warmup
             stats = ppo_step(m, cfg, ro, optimizer, kl_ctl, g, critic_only=warmup)
@@ -818,7 +924,8 @@ def _train_ppo(
             ckpt.step_end(update, stop, snapshot, f"after update {update} of {n_updates}")
     m.cost.mark("loop_end")
     ckpt.total_cost()
-    memory = held_state_mb(trained.values(), [m.ref, m.reward], optimizer)
+    frozen = [m.ref] + ([m.reward] if m.reward is not None else [])
+    memory = held_state_mb(trained.values(), frozen, optimizer)
     return _finish(m, cfg, fuse.state_dict(), ckpt.wall_s(), memory)
 
 

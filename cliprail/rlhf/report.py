@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from cliprail.checkpoint import atomic_write_bytes, atomic_write_text
-from cliprail.rlhf.evaluate import COLUMNS
+from cliprail.rlhf.evaluate import columns_of
 
 
 def _png(fig: Any) -> str:
@@ -26,7 +26,7 @@ def _png(fig: Any) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-PLOT_FILES = ("gold_and_proxy.png", "gold_vs_sqrt_kl.png", "diagnostics.png")
+PLOT_FILES = ("gold_and_proxy.png", "gold_vs_sqrt_kl.png", "diagnostics.png", "checks.png")
 """The report's pictures, also written as PNG files into the PPO run folder."""
 
 
@@ -38,6 +38,8 @@ def _plots(metrics: list[dict[str, Any]], fuse: dict[str, Any]) -> list[tuple[st
 
     train = [m for m in metrics if "score" in m]
     evals = fuse.get("evals", [])
+    key = fuse.get("score", "gold")  # the judge's gold score, or a check set's score
+    label = "gold score (judge)" if key == "gold" else "checks' score"
     out = []
     fig, ax = plt.subplots(figsize=(6, 3.4))
     ax.plot(
@@ -49,26 +51,27 @@ def _plots(metrics: list[dict[str, Any]], fuse: dict[str, Any]) -> list[tuple[st
     ax2 = ax.twinx()
     ax2.plot(
         [e["update"] for e in evals],
-        [e["gold"] for e in evals],
+        [e.get(key, math.nan) for e in evals],
         "s-",
         color="C2",
-        label="gold score (judge)",
+        label=label,
     )
     ax.set_xlabel("update")
     ax.set_ylabel("proxy reward")
-    ax2.set_ylabel("gold score", color="C2")
+    ax2.set_ylabel(label, color="C2")
     if fuse.get("best_update") is not None:
         ax.axvline(fuse["best_update"], color="grey", ls="--", lw=1)
-    ax.set_title(f"Proxy reward and gold score on the fuse's {fuse.get('split', 'eval')} prompts")
-    out.append(("Proxy reward vs gold score (dashed: best checkpoint)", _png(fig)))
+    ax.set_title(f"Proxy reward and {label} on the fuse's {fuse.get('split', 'eval')} prompts")
+    out.append((f"Proxy reward vs {label} (dashed: best checkpoint)", _png(fig)))
     fig, ax = plt.subplots(figsize=(6, 3.4))
-    ax.plot([math.sqrt(max(e["kl_ref"], 0.0)) for e in evals], [e["gold"] for e in evals], "o-")
-    for e in evals:
-        ax.annotate(str(e["update"]), (math.sqrt(max(e["kl_ref"], 0.0)), e["gold"]), fontsize=7)
+    xs = [math.sqrt(max(e["kl_ref"], 0.0)) for e in evals]
+    ax.plot(xs, [e.get(key, math.nan) for e in evals], "o-")
+    for x, e in zip(xs, evals, strict=True):
+        ax.annotate(str(e["update"]), (x, e.get(key, math.nan)), fontsize=7)
     ax.set_xlabel("sqrt(KL to the reference)  [sqrt(nats)]")
-    ax.set_ylabel("gold score")
-    ax.set_title("Gold score against sqrt(KL) (Gao et al. 2022)")
-    out.append(("The reward-hacking picture: gold score against sqrt(KL)", _png(fig)))
+    ax.set_ylabel(label)
+    ax.set_title(f"{label.capitalize()} against sqrt(KL) (Gao et al. 2022)")
+    out.append((f"The reward-hacking picture: {label} against sqrt(KL)", _png(fig)))
     keys = [
         ("kl_ref", "KL to reference (nats/response)"),
         ("clip_fraction", "clip fraction"),
@@ -84,6 +87,17 @@ def _plots(metrics: list[dict[str, Any]], fuse: dict[str, Any]) -> list[tuple[st
         ax.set_xlabel("episodes", fontsize=8)
     fig.tight_layout()
     out.append(("Training diagnostics", _png(fig)))
+    names = evals[0].get("checks", []) if evals else []
+    if names:  # a check set's values along the run (the judge's are in the table)
+        fig, ax = plt.subplots(figsize=(6, 3.4))
+        for name in names:
+            ax.plot([e["update"] for e in evals], [e.get(name, math.nan) for e in evals], "o-",
+                    ms=3, label=name)  # fmt: skip
+        ax.set_xlabel("update")
+        ax.set_ylabel("mean value (1 is good)")
+        ax.set_title(f"Each check on the fuse's {fuse.get('split', 'eval')} prompts")
+        ax.legend(fontsize=7)
+        out.append(("The checks along the run", _png(fig)))
     return out
 
 
@@ -98,27 +112,37 @@ def story(result: dict[str, Any] | None, fuse: dict[str, Any]) -> list[str]:
     evals = fuse.get("evals", [])
     halted = fuse.get("halted")
     kept = fuse.get("best_update")
+    key = fuse.get("score", "gold")
+    name = "gold" if key == "gold" else "checks'"
+    scored = [e for e in evals if key in e]
     out.append(
         f"The safety fuse {'halted the run: ' + halted if halted else 'did not trip'}; "
-        f"it kept the policy of update {kept} (the best gold score on its evaluations "
-        f"of the {fuse.get('split', 'eval')} prompts, within the KL budget)."
+        f"it kept the policy of update {kept} ("
+        + (
+            f"the best {name} score on its evaluations of the {fuse.get('split', 'eval')} "
+            "prompts, within the KL budget)."
+            if scored or not evals
+            else "the newest within the KL budget: the run had no checks to score it)."
+        )
     )
-    if len(evals) >= 2:
-        peak = max(evals, key=lambda e: e["gold"])
-        last = evals[-1]
-        if last["update"] != peak["update"] and last["gold"] < peak["gold"] - 0.02:
+    if len(scored) >= 2:
+        peak = max(scored, key=lambda e: e[key])
+        last = scored[-1]
+        if last["update"] != peak["update"] and last[key] < peak[key] - 0.02:
             out.append(
-                f"After the gold peak at update {peak['update']} ({peak['gold']:.3f}) the proxy "
+                f"After the {name} peak at update {peak['update']} ({peak[key]:.3f}) the proxy "
                 f"reward went from {peak['proxy_reward']:.2f} to {last['proxy_reward']:.2f} "
-                f"while the gold score fell to {last['gold']:.3f}: the policy was gaming the "
-                "reward model, and the fuse stopped there."
+                f"while the {name} score fell to {last[key]:.3f}: the policy was gaming the "
+                "reward, and the fuse stopped there."
                 if last["proxy_reward"] > peak["proxy_reward"]
-                else f"The gold score peaked at update {peak['update']} ({peak['gold']:.3f}) "
-                f"and fell to {last['gold']:.3f} by update {last['update']}."
+                else f"The {name} score peaked at update {peak['update']} ({peak[key]:.3f}) "
+                f"and fell to {last[key]:.3f} by update {last['update']}."
             )
     if result is None:
         return out
     a, b = result["sft"], result["ppo"]
+    if "gold" not in a or "checks" in a:  # a check set's summary
+        return out + _story_checks(result, fuse)
     unseen = fuse.get("split", "eval") != result.get("split", "eval")
     where = f"{result['n_prompts']} {result.get('split', 'eval')} prompts" + (
         ", which the fuse never evaluated," if unseen else " (the prompts the fuse chose on)"
@@ -141,6 +165,26 @@ def story(result: dict[str, Any] | None, fuse: dict[str, Any]) -> list[str]:
     return out
 
 
+def _story_checks(result: dict[str, Any], fuse: dict[str, Any]) -> list[str]:
+    """The before-and-after sentences for a run judged by a check set (or by nothing)."""
+    a, b = result["sft"], result["ppo"]
+    where = f"{result['n_prompts']} {result.get('split', 'eval')} prompts"
+    moved = ", ".join(f"{k} {a[k]:.3f} -> {b[k]:.3f}" for k in a.get("checks", []))
+    out = [
+        f"On {where}: {moved}; score {a['score']:.3f} -> {b['score']:.3f}."
+        if "score" in a
+        else f"On {where} nothing judged the replies (no checks): only the proxy reward and KL "
+        "say what changed."
+    ]
+    out.append(
+        f"Prompt by prompt, PPO's reply scores better on {result['wins']}, worse on "
+        f"{result['losses']} and the same on {result['ties']}, at a KL to the SFT model of "
+        f"{b['kl_ref']:.1f} nats per response; the proxy reward went "
+        f"{a['proxy_reward']:.2f} -> {b['proxy_reward']:.2f}."
+    )
+    return out
+
+
 def pick_cards(result: dict[str, Any], n_better: int = 4, n_worse: int = 2) -> list[int]:
     """Prompts that show the change: where PPO gained most over SFT, then where it lost most
     (ties left out; each group in prompt order)."""
@@ -155,10 +199,9 @@ def _card(who: str, result: dict[str, Any], i: int) -> str:
     r = result[who]
     notes = r.get("notes", [[]] * len(r["texts"]))[i]
     why = f"<br><small>{html.escape('; '.join(notes))}</small>" if notes else ""
-    return (
-        f"<b>{who.upper()}</b> (gold {r['golds'][i]:.2f})<div class='card'>"
-        f"{html.escape(r['texts'][i])}{why}</div>"
-    )
+    name = "gold" if "checks" not in r else "score"
+    score = f" ({name} {r['golds'][i]:.2f})" if "golds" in r else ""
+    return f"<b>{who.upper()}</b>{score}<div class='card'>{html.escape(r['texts'][i])}{why}</div>"
 
 
 def write_report(
@@ -182,7 +225,7 @@ def write_report(
     ]
     parts.append("<h2>What happened</h2>")
     parts += [f"<p>{html.escape(line)}</p>" for line in story(result, fuse)]
-    for (title, png), name in zip(_plots(metrics, fuse), PLOT_FILES, strict=True):
+    for (title, png), name in zip(_plots(metrics, fuse), PLOT_FILES, strict=False):
         atomic_write_bytes(run_dir / name, base64.b64decode(png))  # the pictures, as files too
         parts.append(f"<h2>{html.escape(title)}</h2><img src='data:image/png;base64,{png}'/>")
     if result is not None:
@@ -191,13 +234,14 @@ def write_report(
             f"{html.escape(result['checkpoint'])})</h2><table><tr><th>metric</th>"
             "<th>SFT</th><th>PPO</th></tr>"
         )
-        for c in COLUMNS:
+        judged = "gold" if "checks" not in result["sft"] else "score"
+        for c in columns_of(result["sft"]):
             parts.append(
                 f"<tr><td>{c}</td><td>{result['sft'][c]:.3f}</td>"
                 f"<td>{result['ppo'][c]:.3f}</td></tr>"
             )
         parts.append(
-            f"<tr><td>PPO wins / losses / ties (gold, prompt by prompt)</td><td></td>"
+            f"<tr><td>PPO wins / losses / ties ({judged}, prompt by prompt)</td><td></td>"
             f"<td>{result['wins']} / {result['losses']} / {result['ties']}</td></tr>"
             "</table>"
         )
