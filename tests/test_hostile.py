@@ -56,7 +56,7 @@ DATA_CASES = [
     ("whitespace-string", b'{"prompt": "a", "chosen": " \\t ", "rejected": "c"}\n',
      [":1:", "field 'chosen' is empty"]),
     ("identical-pair", (json.dumps({**GOOD_PAIR, "rejected": GOOD_PAIR["chosen"]}) + "\n").encode(),
-     ["record 1", "'chosen' and 'rejected' are identical"]),
+     [":1:", "'chosen' and 'rejected' are identical"]),
     ("invalid-utf8", b'{"prompt": "a\xff", "chosen": "b", "rejected": "c"}\n',
      [":1:", "not valid UTF-8"]),
     ("ten-megabyte-line", b'{"prompt": "' + b"x" * (10 << 20) + b'", "chosen": "b", '

@@ -97,13 +97,13 @@ def read_extra_tokens(path: Path | None) -> list[str]:
     return items
 
 
-def load_preferences(path: Path) -> list[dict[str, Any]]:
-    """Preference pairs; chosen identical to rejected is an error (the pair teaches nothing)."""
-    recs = read_jsonl(path, ("prompt", "chosen", "rejected"))
-    for n, r in enumerate(recs, start=1):
-        if r["chosen"] == r["rejected"]:
-            raise DataError(f"{path}: record {n}: 'chosen' and 'rejected' are identical")
-    return recs
+def load_preferences(path: Path, tokenizer: Any = None) -> list[dict[str, Any]]:
+    """Preference pairs, plain or chat
+    (:func:`cliprail.rlhf.records.load_preference_pairs`); chosen identical to rejected is an
+    error (the pair teaches nothing)."""
+    from cliprail.rlhf.records import load_preference_pairs
+
+    return load_preference_pairs(path, tokenizer)
 
 
 @dataclass

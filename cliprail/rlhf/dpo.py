@@ -154,7 +154,7 @@ def train_dpo(cfg: DPOConfig) -> dict[str, Any]:
     """Train with DPO; returns the metrics (also in <run_dir>/dpo_metrics.json). Under torchrun
     every rank trains on its share of each global batch (see :mod:`cliprail.rlhf.parallel`);
     rank 0 runs the evaluations and saves."""
-    pairs = load_preferences(cfg.data)
+    pairs = load_preferences(cfg.data, load_tokenizer(cfg.sft_model, cfg.trust_remote_code))
     held_requests = []
     if cfg.prompts is not None:
         held_requests = validation_requests(load_requests(cfg.prompts))[1][: cfg.eval_prompts]

@@ -68,7 +68,13 @@ from cliprail.rlhf.models import (
     token_logprobs,
 )
 from cliprail.rlhf.parallel import DataParallel
-from cliprail.rlhf.records import Columns, PromptRecord, healthcare_only, load_prompts
+from cliprail.rlhf.records import (
+    Columns,
+    PromptRecord,
+    check_chat_rendering,
+    healthcare_only,
+    load_prompts,
+)
 from cliprail.rlhf.resume import StageCheckpointer, begin_run
 from cliprail.rlhf.sampling import Rewarder, Sampling, sample, validation_requests
 
@@ -405,7 +411,10 @@ def _auto_with_blocklist(cfg: PPOConfig) -> Checks | str:
 def load_prompts_of(cfg: PPOConfig) -> list[PromptRecord]:
     """The run's prompt records (chat prompts rendered with the SFT model's tokenizer)."""
     tok = load_tokenizer(cfg.sft_model, cfg.trust_remote_code)
-    return load_prompts(cfg.prompts, tok, cfg.columns())
+    records = load_prompts(cfg.prompts, tok, cfg.columns())
+    if any(cfg.messages_column in r.fields and r.request is None for r in records):
+        check_chat_rendering(cfg.sft_model, tok, f"{cfg.prompts}")
+    return records
 
 
 def trained_modules(m: Models) -> dict[str, torch.nn.Module]:
@@ -880,6 +889,8 @@ def _train_ppo(
         log.log(
             update * global_batch, {f"eval/{k}": v for k, v in {**rec, "update": update}.items()}
         )
+        if "checks" in ev:  # a check set's names, for the report (not a metric to log)
+            rec["checks"] = ev["checks"]
         decision = fuse.observe(update, rec)
         if decision.keep:
             save_policy(m, cfg.run_dir / "best")

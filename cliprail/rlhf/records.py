@@ -235,3 +235,100 @@ def record_json(record: PromptRecord) -> dict[str, Any]:
 def dump_prompts(records: Sequence[PromptRecord]) -> str:
     """JSONL text of ``records`` (the rendered prompt, id, split and the other fields)."""
     return "".join(json.dumps(record_json(r)) + "\n" for r in records)
+
+
+def _chat_pair(messages: Any, where: str, tokenizer: Any) -> tuple[str, str]:
+    """(rendered prompt, the last assistant turn's content) of a chat demonstration."""
+    msgs = check_messages(messages, where, ends_with_assistant=True)
+    if len(msgs) < 2:
+        raise DataError(f"{where}: 'messages' needs a user turn before the assistant's")
+    return render_chat(tokenizer, msgs[:-1], where), str(msgs[-1]["content"])
+
+
+def _text(rec: Mapping[str, Any], key: str, where: str) -> str:
+    if key not in rec:
+        raise DataError(f"{where}: missing field {key!r}")
+    value = rec[key]
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field {key!r} must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise DataError(f"{where}: field {key!r} is empty")
+    return value
+
+
+def load_demonstrations(path: Path, tokenizer: Any = None) -> list[dict[str, str]]:
+    """SFT demonstrations as ``{"prompt", "response"}``: lines of that form, or chat records
+    ``{"messages": [..., {"role": "assistant", "content": ...}]}`` whose last assistant turn is
+    the response and whose earlier turns are rendered as the prompt (:func:`render_chat`, the
+    rendering PPO gives chat prompts)."""
+    out = []
+    for n, rec in read_jsonl_lines(Path(path)):
+        where = f"{path}:{n}"
+        if "messages" in rec and "prompt" not in rec:
+            prompt, response = _chat_pair(rec["messages"], where, tokenizer)
+            if not response.strip():
+                raise DataError(f"{where}: the last assistant turn is empty")
+        else:
+            prompt, response = _text(rec, "prompt", where), _text(rec, "response", where)
+        out.append({"prompt": prompt, "response": response})
+    return out
+
+
+def load_preference_pairs(path: Path, tokenizer: Any = None) -> list[dict[str, Any]]:
+    """Preference pairs as ``{"prompt", "chosen", "rejected"}`` (and ``reviewer`` when given):
+    lines of that form, or chat pairs ``{"chosen": [messages], "rejected": [messages]}`` that
+    share every turn but the last assistant one (the shared turns are the prompt). A pair whose
+    two answers are the same teaches nothing and is an error."""
+    out = []
+    for n, rec in read_jsonl_lines(Path(path)):
+        where = f"{path}:{n}"
+        if isinstance(rec.get("chosen"), list) or isinstance(rec.get("rejected"), list):
+            p1, chosen = _chat_pair(rec.get("chosen"), f"{where}: chosen", tokenizer)
+            p2, rejected = _chat_pair(rec.get("rejected"), f"{where}: rejected", tokenizer)
+            if p1 != p2:
+                raise DataError(
+                    f"{where}: 'chosen' and 'rejected' must share every turn but the last"
+                )
+            pair: dict[str, Any] = {"prompt": p1, "chosen": chosen, "rejected": rejected}
+        else:
+            pair = {k: _text(rec, k, where) for k in ("prompt", "chosen", "rejected")}
+        if "reviewer" in rec:
+            pair["reviewer"] = rec["reviewer"]
+        if pair["chosen"] == pair["rejected"]:
+            raise DataError(f"{where}: 'chosen' and 'rejected' are identical")
+        out.append(pair)
+    return out
+
+
+CHAT_FILE = "chat_rendering.json"
+"""Written by SFT beside its model: how that model's chat demonstrations were rendered."""
+PROBE = ({"role": "system", "content": "S"}, {"role": "user", "content": "U"})
+"""A fixed conversation whose rendering identifies a chat template."""
+
+
+def chat_signature(tokenizer: Any) -> str:
+    """How ``tokenizer`` renders chat prompts (the rendering of :data:`PROBE`). SFT saves it
+    beside a model it trained on chat demonstrations; PPO and the reward model compare: another
+    template would show the policy prompts it never learned from."""
+    return render_chat(tokenizer, [dict(m) for m in PROBE], "chat probe")
+
+
+def check_chat_rendering(model_dir: Path, tokenizer: Any, what: str) -> None:
+    """Refuse chat ``what`` (prompts, pairs) when ``tokenizer`` renders chat otherwise than the
+    SFT run behind ``model_dir`` rendered its demonstrations: the policy would be asked prompts
+    in a layout it never learned. A model folder without the record (not from cliprail's SFT)
+    passes."""
+    f = Path(model_dir) / CHAT_FILE
+    if not f.is_file():
+        return
+    try:
+        saved = json.loads(f.read_text()).get("signature")
+    except (OSError, ValueError, AttributeError):
+        raise DataError(f"{f}: unreadable; expected {{'signature': ...}}") from None
+    now = chat_signature(tokenizer)
+    if saved != now:
+        raise DataError(
+            f"{what}: the chat template renders prompts as {now!r} but the SFT model in "
+            f"{model_dir} learned from demonstrations rendered as {saved!r}; use the SFT model's "
+            "own tokenizer, or render the prompts yourself as plain 'prompt' text"
+        )

@@ -25,7 +25,7 @@ from cliprail.rlhf.common import (
     adamw,
     split_pairs,
 )
-from cliprail.rlhf.data import encode_pairs, load_preferences, read_jsonl
+from cliprail.rlhf.data import encode_pairs, load_preferences
 from cliprail.rlhf.models import (
     ScalarHeadModel,
     check_vocab,
@@ -35,6 +35,7 @@ from cliprail.rlhf.models import (
     model_device,
 )
 from cliprail.rlhf.parallel import DataParallel
+from cliprail.rlhf.records import load_demonstrations
 from cliprail.rlhf.resume import StageCheckpointer, begin_run
 
 
@@ -126,7 +127,7 @@ def train_reward(cfg: RewardConfig) -> dict[str, Any]:
     """Train, evaluate and save the reward model; returns its metrics. Under torchrun every
     rank trains on its share of each global batch (see :mod:`cliprail.rlhf.parallel`) and rank
     0 evaluates and saves."""
-    pairs = load_preferences(cfg.data)
+    pairs = load_preferences(cfg.data, load_tokenizer(cfg.sft_model, cfg.trust_remote_code))
     dp = DataParallel.from_env(cfg.device, fsdp=cfg.fsdp)
     try:
         return _train_reward(cfg, pairs, dp)
@@ -239,7 +240,8 @@ def _finish(
     }
     shift = 0.0
     if cfg.demonstrations is not None:
-        demos = read_jsonl(cfg.demonstrations, ("prompt", "response"))[:512]
+        tok_ = load_tokenizer(cfg.sft_model, cfg.trust_remote_code)
+        demos = load_demonstrations(cfg.demonstrations, tok_)[:512]
         scores = score_all(
             rm, tok, [d["prompt"] for d in demos], [d["response"] for d in demos], cfg
         )

@@ -6,6 +6,7 @@ tiny GPT-2 from a config. With ``--model DIR`` it fine-tunes any local causal LM
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from cliprail.errors import ConfigError
 from cliprail.ppo import masked_mean
 from cliprail.resume import seed_everything
 from cliprail.rlhf.common import Cost, EpochShuffle, StageOptions, adamw
-from cliprail.rlhf.data import encode_pairs, read_extra_tokens, read_jsonl
+from cliprail.rlhf.data import encode_pairs, read_extra_tokens
 from cliprail.rlhf.models import (
     check_vocab,
     load_causal_lm,
@@ -29,6 +30,7 @@ from cliprail.rlhf.models import (
     train_tokenizer,
 )
 from cliprail.rlhf.parallel import DataParallel
+from cliprail.rlhf.records import CHAT_FILE, chat_signature, load_demonstrations
 from cliprail.rlhf.resume import StageCheckpointer, begin_run
 
 
@@ -102,7 +104,10 @@ class SFTConfig(StageOptions):
 def train_sft(cfg: SFTConfig) -> Path:
     """Run SFT; returns the folder of the fine-tuned model (with its tokenizer). Under torchrun
     every rank trains on its share of each global batch (see :mod:`cliprail.rlhf.parallel`)."""
-    demos = read_jsonl(cfg.data, ("prompt", "response"))
+    # chat demonstrations render with the model's chat template (a trained tokenizer has none:
+    # the plain template), the same rendering PPO gives chat prompts
+    template_tok = load_tokenizer(cfg.model, cfg.trust_remote_code) if cfg.model else None
+    demos = load_demonstrations(cfg.data, template_tok)
     read_extra_tokens(cfg.extra_tokens)  # a bad tokens file fails before the run folder exists
     dp = DataParallel.from_env(cfg.device, fsdp=cfg.fsdp)
     try:
@@ -197,6 +202,9 @@ def _train_sft(cfg: SFTConfig, demos: list[dict[str, Any]], dp: DataParallel) ->
             with atomic_dir(out) as tmp:
                 model.save_pretrained(str(tmp), **dp.pretrained_state(model))  # type: ignore[operator]
                 tokenizer.save_pretrained(str(tmp))
+                # how this model's demonstrations were rendered as chat (issue 15): PPO and the
+                # reward model check that their prompts render the same way
+                (tmp / CHAT_FILE).write_text(json.dumps({"signature": chat_signature(tokenizer)}))
     ckpt.total_cost()
     if dp.is_main:
         cost.wall_s = ckpt.wall_s()
