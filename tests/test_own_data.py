@@ -4,6 +4,7 @@ generator, checks and rule reward, no reward model), and chat-form data through 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -130,3 +131,39 @@ def test_reward_fn_alone_with_no_checks_and_a_nan(tmp_path, capsys, monkeypatch)
     assert train and all(r["nonfinite_responses"] == 1.0 for r in train)  # the NaN, counted
     assert all("value_loss" in r for r in train)  # GAE: a value model, from the SFT trunk
     assert json.loads((run / "fuse.json").read_text())["best_update"] == 2  # newest in budget
+
+
+def test_python_api_trains_models_held_in_memory(tmp_path):
+    """Issue 15: the stages as functions on in-memory models, data and callables; the example
+    script runs them end to end and GRPO lifts its checks' score."""
+    out = subprocess.run([sys.executable, str(EXAMPLE.parent / "rlhf_in_memory.py"), "--out",
+                          str(tmp_path)], check=True, capture_output=True, text=True)  # fmt: skip
+    line = out.stdout.strip().splitlines()[-1]
+    found = re.findall(r"score ([0-9.]+) before PPO, ([0-9.]+)", line)
+    before, after = (float(x) for x in found[0])
+    assert after > before, line
+    fuse = json.loads((tmp_path / "ppo" / "fuse.json").read_text())
+    assert fuse["evals"][0]["checks"] == ["one_word", "right_colour", "score"]
+    cfg = json.loads((tmp_path / "ppo" / "config.json").read_text())
+    assert cfg["prompts"] == "<in memory>" and cfg["reward_fn"] == "<in memory: reward>"
+
+
+def test_python_api_trains_the_policy_in_place(tmp_path):
+    import torch
+
+    from cliprail.rlhf import api
+    from cliprail.rlhf.models import tiny_gpt2, train_tokenizer
+
+    tok = train_tokenizer([f"Say {w}. {w}." for w in WORDS], 120)
+    policy = tiny_gpt2(len(tok), n_layer=1, n_embd=16, n_head=2,
+                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)  # fmt: skip
+    before = {k: v.clone() for k, v in policy.state_dict().items()}
+    result = api.ppo(policy, tok, [f"Say {w}." for w in WORDS * 4], run_dir=tmp_path / "ppo",
+                     reward_fn=lambda p, r, rec: [float(len(x)) for x in r], checks="generic",
+                     total_episodes=16, batch_size=8, minibatch_size=8, epochs=1,
+                     max_new_tokens=4, eval_every=1, eval_prompts=3, progress=False)  # fmt: skip
+    assert result.policy is policy
+    assert any(not torch.equal(before[k], v) for k, v in policy.state_dict().items())
+    assert result.fuse["evals"][0]["checks"] == ["no_refusal", "not_degenerate", "not_repetitive"]
+    with pytest.raises(ValueError, match="give reward_model, reward_fn, or both"):
+        api.ppo(policy, tok, ["x"], run_dir=tmp_path / "none")

@@ -777,13 +777,19 @@ def evaluate_policy(
     )
 
 
-def train_ppo(cfg: PPOConfig) -> dict[str, Any]:
+def train_ppo(
+    cfg: PPOConfig,
+    models: Models | None = None,
+    records: list[PromptRecord] | None = None,
+) -> dict[str, Any]:
     """Run PPO with the fuse; returns a summary (also written to <run_dir>/fuse.json).
 
     Under torchrun (see :mod:`cliprail.rlhf.parallel`) ``--batch-size`` prompts are rolled out
     on every rank (a share of one global sample), ``--total-episodes`` counts all ranks', the
-    policy and value train under DDP, and rank 0 runs the fuse and writes the run folder."""
-    requests = load_prompts_of(cfg)
+    policy and value train under DDP, and rank 0 runs the fuse and writes the run folder.
+    ``models`` and ``records`` come from the Python API (:func:`cliprail.rlhf.api.ppo`): models
+    and prompts held in memory, used instead of the config's folders and files."""
+    requests = records if records is not None else load_prompts_of(cfg)
     train = [r for r in requests if r.split == "train"]
     held_split, held = validation_requests(requests)
     held = held[: cfg.eval_prompts]
@@ -799,7 +805,7 @@ def train_ppo(cfg: PPOConfig) -> dict[str, Any]:
                 f"{need} ({dp.world_size} rank(s) x --batch-size {cfg.batch_size} / "
                 f"--group-size {cfg.group_size}); lower --batch-size or add prompts"
             )
-        return _train_ppo(cfg, train, held, red, dp, held_split)
+        return _train_ppo(cfg, train, held, red, dp, held_split, models)
     finally:
         dp.close()
 
@@ -811,13 +817,14 @@ def _train_ppo(
     red: list[PromptRecord],
     dp: DataParallel,
     held_split: str,
+    given: Models | None = None,
 ) -> dict[str, Any]:
     t_start = time.perf_counter()
     dp.from_main(lambda: begin_run(cfg.run_dir, cfg))
     g = seed_everything(cfg.seed)
     if dp.rank:  # each rank samples its own tokens (rank 0: the single-process stream)
         g.manual_seed(cfg.seed + dp.rank)
-    m = load_models(cfg, dp.device)
+    m = given if given is not None else load_models(cfg, dp.device)
     m.cost.started = t_start
     m.dp = dp
     m.policy = dp.prepare(m.policy)  # --fsdp: shard; else as is

@@ -332,3 +332,22 @@ def check_chat_rendering(model_dir: Path, tokenizer: Any, what: str) -> None:
             f"{model_dir} learned from demonstrations rendered as {saved!r}; use the SFT model's "
             "own tokenizer, or render the prompts yourself as plain 'prompt' text"
         )
+
+
+def records_from(
+    items: Sequence[str | Mapping[str, Any]], tokenizer: Any = None, val_share: float = 0.1
+) -> list[PromptRecord]:
+    """Prompt records from memory: strings, or dicts in any of :func:`load_prompts`' record
+    forms (``prompt`` with extra fields, ``messages``, a healthcare request). Splits as
+    :func:`load_prompts` assigns them."""
+    rows = [{"prompt": x} if isinstance(x, str) else dict(x) for x in items]
+    if not rows:
+        raise DataError("no prompts given")
+    records = [_record(r, n, f"prompt {n}", Columns(), tokenizer) for n, r in enumerate(rows, 1)]
+    if not any("split" in r for r in rows) and len(records) > 1:
+        n_val = min(120, max(1, int(len(records) * val_share)))
+        records = [
+            PromptRecord(r.id, r.prompt, "val" if i < n_val else "train", r.fields, r.request)
+            for i, r in enumerate(records)
+        ]
+    return records

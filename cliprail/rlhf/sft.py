@@ -116,13 +116,23 @@ def train_sft(cfg: SFTConfig) -> Path:
         dp.close()
 
 
-def _train_sft(cfg: SFTConfig, demos: list[dict[str, Any]], dp: DataParallel) -> Path:
+def _train_sft(
+    cfg: SFTConfig,
+    demos: list[dict[str, Any]],
+    dp: DataParallel,
+    given: tuple[Any, Any] | None = None,
+) -> Path:
+    """The SFT loop; ``given`` is ``(model, tokenizer)`` held in memory by the Python API
+    (:func:`cliprail.rlhf.api.sft`), trained in place instead of loaded."""
     dp.from_main(lambda: begin_run(cfg.run_dir, cfg))
     t0 = time.perf_counter()
     cost = Cost("sft", started=t0)
     g = seed_everything(cfg.seed)
     tok_dir = cfg.run_dir / "tokenizer"  # a trained tokenizer is kept, so --resume reuses it
-    if cfg.model is None:
+    if given is not None:
+        model, tokenizer = given
+        check_vocab(tokenizer, model, "the model given")
+    elif cfg.model is None:
 
         def tokenizer_json() -> str:  # rank 0 trains (or reloads) it; the others get its JSON
             if cfg.resume and tok_dir.is_dir():
@@ -200,7 +210,7 @@ def _train_sft(cfg: SFTConfig, demos: list[dict[str, Any]], dp: DataParallel) ->
     with dp.gathered(model):
         if dp.is_main:
             with atomic_dir(out) as tmp:
-                model.save_pretrained(str(tmp), **dp.pretrained_state(model))  # type: ignore[operator]
+                model.save_pretrained(str(tmp), **dp.pretrained_state(model))
                 tokenizer.save_pretrained(str(tmp))
                 # how this model's demonstrations were rendered as chat (issue 15): PPO and the
                 # reward model check that their prompts render the same way
