@@ -543,7 +543,8 @@ def fuse_line(fuse: dict[str, Any], last_policy: Path | str) -> str:
             f"last policy is in {last_policy}"
         )
     key = fuse.get("score", "gold")
-    scored = any(key in e for e in fuse["evals"])
+    # a fuse.json from before check sets (no "score" key) always followed gold
+    scored = "score" not in fuse or any(key in e for e in fuse["evals"])
     why = f"eval {key} {fuse['best_gold']:.3f}" if scored else "the newest within the KL budget"
     return (
         f"best checkpoint {fuse['best_checkpoint']} (update {fuse['best_update']}, {why}); "
