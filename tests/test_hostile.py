@@ -347,3 +347,53 @@ def test_atomic_dir_failure_mid_write_leaves_the_old_folder(tmp_path):
         (tmp / "weights").write_bytes(b"new")
     assert (target / "weights").read_bytes() == b"new"
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+# --- issue 15: own data, checks and reward functions -----------------------------------------
+def test_plug_ins_that_do_not_import_raise_or_miscount(pipeline, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # MODULE:FUNCTION is imported from the working directory
+    (tmp_path / "plug.py").write_text(
+        "def raises(prompts, responses, records):\n    raise RuntimeError('my bug')\n"
+        "def short(prompts, responses, records):\n    return [0.0]\n"
+        "def checks_short(prompts, responses, records):\n    return {'a': [1.0]}\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    plain = _jsonl(tmp_path / "plain.jsonl", b"".join(b'{"prompt": "hi"}\n' for _ in range(20)))
+    cases = [
+        ({"--checks": "nosuch:f"}, "--checks 'nosuch:f': cannot import 'nosuch'"),
+        ({"--reward-fn": "plug:missing"}, "'plug' has no function 'missing'"),
+        ({"--reward-fn": "plug"}, "expected MODULE:FUNCTION"),
+        ({"--reward-fn": "plug:raises"}, "--reward-fn 'raises' raised RuntimeError: my bug"),
+        ({"--reward-fn": "plug:short"}, "returned 1 values for 8 responses"),
+        ({"--checks": "plug:checks_short", "--eval-every": "1", "--eval-prompts": "4"},
+         "checks 'checks_short': 'a' has 1 values for 4 responses"),
+        ({"--prompt-column": "question", "--prompts": str(plain)}, "no column 'question'"),
+    ]  # fmt: skip
+    for i, (over, message) in enumerate(cases):
+        run = tmp_path / f"run{i}"
+        rc = main(_ppo_args(pipeline, run, **over))
+        _one_line_error(capsys, rc, message)
+        if i < 3:  # does not import: refused before the run folder exists
+            assert not run.exists()
+    # a dataset whose columns do not hold the named one
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_dict({"text": ["a", "b"]}).to_parquet(str(tmp_path / "p.parquet"))
+    capsys.readouterr()  # the datasets library's own progress bar, writing the file
+    rc = main(_ppo_args(pipeline, tmp_path / "runp", **{"--prompts": str(tmp_path / "p.parquet")}))
+    _one_line_error(capsys, rc, "no column 'prompt'", "['text']", "--prompt-column")
+
+
+def test_chat_demonstrations_without_an_assistant_turn(tmp_path, capsys):
+    f = _jsonl(tmp_path / "d.jsonl", b'{"messages": [{"role": "user", "content": "hi"}]}\n')
+    rc = main(["rlhf", "sft", "--data", str(f), "--run-dir", str(tmp_path / "sft"),
+               "--no-progress"])  # fmt: skip
+    _one_line_error(capsys, rc, f"{f}:1: no assistant turn at the end of 'messages'")
+    assert not (tmp_path / "sft").exists()
+    f = _jsonl(tmp_path / "p.jsonl", (json.dumps({
+        "chosen": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "x"}],
+        "rejected": [{"role": "user", "content": "b"}, {"role": "assistant", "content": "y"}],
+    }) + "\n").encode())  # fmt: skip
+    rc = main(["rlhf", "dpo", "--data", str(f), "--sft-model", str(tmp_path / "nosuch"),
+               "--run-dir", str(tmp_path / "dpo"), "--no-progress"])  # fmt: skip
+    assert rc == 2
+    capsys.readouterr()

@@ -789,6 +789,10 @@ def train_ppo(
     policy and value train under DDP, and rank 0 runs the fuse and writes the run folder.
     ``models`` and ``records`` come from the Python API (:func:`cliprail.rlhf.api.ppo`): models
     and prompts held in memory, used instead of the config's folders and files."""
+    if models is None:  # a plug-in that does not import fails before anything is written
+        if cfg.reward_fn:
+            load_function(cfg.reward_fn, "--reward-fn")
+        resolve_checks(cfg)
     requests = records if records is not None else load_prompts_of(cfg)
     train = [r for r in requests if r.split == "train"]
     held_split, held = validation_requests(requests)

@@ -149,6 +149,16 @@ def _from_dataset(path: Path, cols: Columns) -> list[dict[str, Any]]:
         import datasets
     except ImportError:  # pragma: no cover - a dependency of the package
         raise DataError(f"{path}: reading a dataset needs the 'datasets' package") from None
+    bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # one line per error, nothing else on stderr
+    try:
+        return _read_dataset(datasets, path, cols)
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
+
+
+def _read_dataset(datasets: Any, path: Path, cols: Columns) -> list[dict[str, Any]]:
     try:
         if path.is_dir():
             ds: Any = datasets.load_from_disk(str(path))
