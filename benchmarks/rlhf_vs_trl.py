@@ -116,11 +116,11 @@ from cliprail.rlhf.ppo import (
     PPOConfig,
     evaluate_policy,
     load_models,
-    load_requests,
     train_ppo,
     values_of,
 )
-from cliprail.scenarios.healthcare import Request
+from cliprail.rlhf.records import PromptRecord
+from cliprail.rlhf.sampling import load_requests
 
 
 @dataclass(frozen=True)
@@ -131,8 +131,8 @@ class Setup:
     sft_model: Path
     reward_model: Path
     reward_shift: float
-    train: list[Request]
-    held: list[Request]
+    train: list[PromptRecord]
+    held: list[PromptRecord]
 
 
 def build_setup(out: Path, args: argparse.Namespace) -> Setup:
