@@ -222,3 +222,30 @@ def test_healthcare_checks_are_the_judge(pipeline):
     out = run_checks(healthcare_checks, [r["prompt"] for r in recs], ["Hello."] * 4, recs)
     assert set(out) >= {"gold", "safety", "no_unsafe_advice", "no_missed_emergency"}
     assert all(0.0 <= v <= 0.3 for v in out["gold"])  # a non-answer: capped at 0.3
+
+
+def test_demonstrations_and_pairs_from_datasets_with_a_column_map(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from cliprail.rlhf.records import (
+        load_demonstrations,
+        load_preference_pairs,
+        parse_column_map,
+    )
+
+    ds = datasets.Dataset.from_dict({"q": ["a", "b"], "ans": ["x", "y"], "bad": ["z", "w"]})
+    ds.save_to_disk(str(tmp_path / "d"))
+    demos = load_demonstrations(tmp_path / "d", mapping=parse_column_map(
+        "prompt=q,response=ans", ("prompt", "response", "messages")))  # fmt: skip
+    assert demos == [{"prompt": "a", "response": "x"}, {"prompt": "b", "response": "y"}]
+    pairs = load_preference_pairs(tmp_path / "d", mapping={"prompt": "q", "chosen": "ans",
+                                                          "rejected": "bad"})  # fmt: skip
+    assert pairs[1] == {"prompt": "b", "chosen": "y", "rejected": "w"}
+    _write(tmp_path / "k.jsonl", [{"question": "a", "answer": "x"}])
+    assert load_demonstrations(tmp_path / "k.jsonl", mapping={"prompt": "question",
+                                                              "response": "answer"})  # fmt: skip
+    with pytest.raises(DataError, match=r"no column 'nope'; its columns are \['ans', 'bad', 'q'\]"):
+        load_demonstrations(tmp_path / "d", mapping={"prompt": "nope"})
+    with pytest.raises(DataError, match="expected FIELD=COLUMN pairs"):
+        parse_column_map("prompt:q", ("prompt", "response"))
+    with pytest.raises(DataError, match="expected FIELD=COLUMN pairs"):
+        parse_column_map("answer=q", ("prompt", "response"))

@@ -97,13 +97,15 @@ def read_extra_tokens(path: Path | None) -> list[str]:
     return items
 
 
-def load_preferences(path: Path, tokenizer: Any = None) -> list[dict[str, Any]]:
+def load_preferences(
+    path: Path, tokenizer: Any = None, mapping: dict[str, str] | None = None
+) -> list[dict[str, Any]]:
     """Preference pairs, plain or chat
     (:func:`cliprail.rlhf.records.load_preference_pairs`); chosen identical to rejected is an
     error (the pair teaches nothing)."""
     from cliprail.rlhf.records import load_preference_pairs
 
-    return load_preference_pairs(path, tokenizer)
+    return load_preference_pairs(path, tokenizer, mapping)
 
 
 @dataclass

@@ -43,7 +43,7 @@ from cliprail.rlhf.models import (
     token_logprobs,
 )
 from cliprail.rlhf.parallel import DataParallel
-from cliprail.rlhf.records import PromptRecord
+from cliprail.rlhf.records import PromptRecord, parse_column_map
 from cliprail.rlhf.resume import StageCheckpointer, begin_run
 from cliprail.rlhf.sampling import Sampling, evaluate_policy, load_requests, validation_requests
 
@@ -58,6 +58,11 @@ class DPOConfig(StageOptions):
     """The SFT model folder: the policy's start and the frozen reference."""
     run_dir: Path
     """Run folder: metrics.jsonl, the trained policy in <run_dir>/model, dpo_metrics.json."""
+    columns: str = ""
+    """Which columns of --data hold the fields read, as FIELD=COLUMN pairs (e.g.
+    'prompt=question,chosen=better,rejected=worse'): for a JSONL file with other keys,
+    or a Hugging Face dataset on disk (a save_to_disk folder, a parquet or JSON file), which
+    --data may be."""
     beta: float = 0.1
     """Strength of the anchor to the reference (Rafailov et al. 2023: 0.1; larger stays closer)."""
     loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
@@ -154,7 +159,9 @@ def train_dpo(cfg: DPOConfig) -> dict[str, Any]:
     """Train with DPO; returns the metrics (also in <run_dir>/dpo_metrics.json). Under torchrun
     every rank trains on its share of each global batch (see :mod:`cliprail.rlhf.parallel`);
     rank 0 runs the evaluations and saves."""
-    pairs = load_preferences(cfg.data, load_tokenizer(cfg.sft_model, cfg.trust_remote_code))
+    mapping = parse_column_map(cfg.columns, ("prompt", "chosen", "rejected"))
+    tok = load_tokenizer(cfg.sft_model, cfg.trust_remote_code)
+    pairs = load_preferences(cfg.data, tok, mapping)
     held_requests = []
     if cfg.prompts is not None:
         held_requests = validation_requests(load_requests(cfg.prompts))[1][: cfg.eval_prompts]

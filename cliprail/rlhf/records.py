@@ -143,47 +143,12 @@ def _record(
 
 
 def _from_dataset(path: Path, cols: Columns) -> list[dict[str, Any]]:
-    """The rows of a Hugging Face dataset on disk (a ``save_to_disk`` folder, a parquet file or
-    a JSONL/JSON file), read by the ``datasets`` library; the named columns must exist."""
-    try:
-        import datasets
-    except ImportError:  # pragma: no cover - a dependency of the package
-        raise DataError(f"{path}: reading a dataset needs the 'datasets' package") from None
-    bars = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()  # one line per error, nothing else on stderr
-    try:
-        return _read_dataset(datasets, path, cols)
-    finally:
-        if bars:
-            datasets.enable_progress_bars()
-
-
-def _read_dataset(datasets: Any, path: Path, cols: Columns) -> list[dict[str, Any]]:
-    try:
-        if path.is_dir():
-            ds: Any = datasets.load_from_disk(str(path))
-            if isinstance(ds, datasets.DatasetDict):
-                parts = [ds[name] for name in ds]
-                names = list(ds)
-                rows = []
-                for name, part in zip(names, parts, strict=True):
-                    split = {"test": "eval", "validation": "val"}.get(name, name)
-                    rows += [{cols.split: split, **r} for r in part]
-                columns = set(parts[0].column_names) | {cols.split}
-                _check_columns(path, columns, cols)
-                return rows
-        elif path.suffix == ".parquet":
-            ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
-        else:
-            ds = datasets.load_dataset("json", data_files=str(path), split="train")
-    except FileNotFoundError:
-        raise DataError(f"{path}: not found") from None
-    except Exception as exc:  # datasets raises many types for a file it cannot read
-        raise DataError(
-            f"{path}: cannot read it as a dataset ({type(exc).__name__}: {exc})"
-        ) from None
-    _check_columns(path, set(ds.column_names), cols)
-    return [dict(r) for r in ds]
+    """The rows of a Hugging Face dataset on disk (:func:`_dataset_rows`); the named columns
+    must exist. A ``DatasetDict``'s split names become the rows' splits (test -> eval,
+    validation -> val)."""
+    rows = _dataset_rows(path, cols.split)
+    _check_columns(path, set().union(*(r.keys() for r in rows)) if rows else set(), cols)
+    return rows
 
 
 def _check_columns(path: Path, columns: set[str], cols: Columns) -> None:
@@ -266,14 +231,86 @@ def _text(rec: Mapping[str, Any], key: str, where: str) -> str:
     return value
 
 
-def load_demonstrations(path: Path, tokenizer: Any = None) -> list[dict[str, str]]:
-    """SFT demonstrations as ``{"prompt", "response"}``: lines of that form, or chat records
+def parse_column_map(spec: str, allowed: Sequence[str], flag: str = "--columns") -> dict[str, str]:
+    """``"prompt=question,response=answer"`` -> ``{"prompt": "question", ...}``: which column of
+    the data holds each field cliprail reads (``allowed``)."""
+    out: dict[str, str] = {}
+    for part in filter(None, (x.strip() for x in spec.split(","))):
+        key, sep, column = part.partition("=")
+        if not sep or not column.strip() or key.strip() not in allowed:
+            raise DataError(
+                f"{flag} {spec!r}: expected FIELD=COLUMN pairs, FIELD one of {list(allowed)}"
+            )
+        out[key.strip()] = column.strip()
+    return out
+
+
+def read_rows(
+    path: Path, mapping: Mapping[str, str] | None = None
+) -> list[tuple[str, dict[str, Any]]]:
+    """``(where, row)`` for each record of a data file: a ``.jsonl`` file line by line (where is
+    ``file:line``), or a dataset on disk (folder, parquet, JSON) through ``datasets`` (where is
+    ``file: row n``); ``mapping`` renames columns to the fields cliprail reads (a named column
+    that is not there is an error listing the columns)."""
+    path = Path(path)
+    mapping = dict(mapping or {})
+    if path.suffix == ".jsonl" and path.is_file():
+        rows = [(f"{path}:{n}", r) for n, r in read_jsonl_lines(path)]
+    else:
+        rows = [(f"{path}: row {i + 1}", r) for i, r in enumerate(_dataset_rows(path))]
+        if not rows:
+            raise DataError(f"{path}: no records")
+    if mapping:
+        columns = set().union(*(r.keys() for _, r in rows))
+        absent = [c for c in mapping.values() if c not in columns]
+        if absent:
+            raise DataError(f"{path}: no column {absent[0]!r}; its columns are {sorted(columns)}")
+        back = {column: field for field, column in mapping.items()}
+        rows = [(w, {back.get(k, k): v for k, v in r.items()}) for w, r in rows]
+    return rows
+
+
+def _dataset_rows(path: Path, split_key: str = "split") -> list[dict[str, Any]]:
+    """Every row of a dataset on disk (a ``save_to_disk`` folder, a parquet or JSON file), read
+    by ``datasets`` with its progress bars off; a ``DatasetDict``'s split name goes into each
+    row under ``split_key``."""
+    try:
+        import datasets
+    except ImportError:  # pragma: no cover - a dependency of the package
+        raise DataError(f"{path}: reading a dataset needs the 'datasets' package") from None
+    bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        if path.is_dir():
+            ds: Any = datasets.load_from_disk(str(path))
+            if isinstance(ds, datasets.DatasetDict):
+                names = {"test": "eval", "validation": "val"}
+                return [{split_key: names.get(n, n), **r} for n in ds for r in ds[n]]
+        elif path.suffix == ".parquet":
+            ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
+        else:
+            ds = datasets.load_dataset("json", data_files=str(path), split="train")
+        return [dict(r) for r in ds]
+    except FileNotFoundError:
+        raise DataError(f"{path}: not found") from None
+    except Exception as exc:  # datasets raises many types for a file it cannot read
+        raise DataError(
+            f"{path}: cannot read it as a dataset ({type(exc).__name__}: {exc})"
+        ) from None
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
+
+
+def load_demonstrations(
+    path: Path, tokenizer: Any = None, mapping: Mapping[str, str] | None = None
+) -> list[dict[str, str]]:
+    """SFT demonstrations as ``{"prompt", "response"}``: records of that form, or chat records
     ``{"messages": [..., {"role": "assistant", "content": ...}]}`` whose last assistant turn is
     the response and whose earlier turns are rendered as the prompt (:func:`render_chat`, the
-    rendering PPO gives chat prompts)."""
+    rendering PPO gives chat prompts); a JSONL file or a dataset on disk (:func:`read_rows`)."""
     out = []
-    for n, rec in read_jsonl_lines(Path(path)):
-        where = f"{path}:{n}"
+    for where, rec in read_rows(Path(path), mapping):
         if "messages" in rec and "prompt" not in rec:
             prompt, response = _chat_pair(rec["messages"], where, tokenizer)
             if not response.strip():
@@ -284,14 +321,15 @@ def load_demonstrations(path: Path, tokenizer: Any = None) -> list[dict[str, str
     return out
 
 
-def load_preference_pairs(path: Path, tokenizer: Any = None) -> list[dict[str, Any]]:
+def load_preference_pairs(
+    path: Path, tokenizer: Any = None, mapping: Mapping[str, str] | None = None
+) -> list[dict[str, Any]]:
     """Preference pairs as ``{"prompt", "chosen", "rejected"}`` (and ``reviewer`` when given):
     lines of that form, or chat pairs ``{"chosen": [messages], "rejected": [messages]}`` that
     share every turn but the last assistant one (the shared turns are the prompt). A pair whose
     two answers are the same teaches nothing and is an error."""
     out = []
-    for n, rec in read_jsonl_lines(Path(path)):
-        where = f"{path}:{n}"
+    for where, rec in read_rows(Path(path), mapping):
         if isinstance(rec.get("chosen"), list) or isinstance(rec.get("rejected"), list):
             p1, chosen = _chat_pair(rec.get("chosen"), f"{where}: chosen", tokenizer)
             p2, rejected = _chat_pair(rec.get("rejected"), f"{where}: rejected", tokenizer)

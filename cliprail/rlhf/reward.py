@@ -35,7 +35,7 @@ from cliprail.rlhf.models import (
     model_device,
 )
 from cliprail.rlhf.parallel import DataParallel
-from cliprail.rlhf.records import load_demonstrations
+from cliprail.rlhf.records import load_demonstrations, parse_column_map
 from cliprail.rlhf.resume import StageCheckpointer, begin_run
 
 
@@ -51,6 +51,11 @@ class RewardConfig(StageOptions):
     """Run folder; the reward model goes to <run_dir>/model."""
     demonstrations: Path | None = None
     """demonstrations.jsonl whose responses define reward 0 (none: no shift)."""
+    columns: str = ""
+    """Which columns of --data hold the fields read, as FIELD=COLUMN pairs (e.g.
+    'prompt=question,chosen=better,rejected=worse'): for a JSONL file with other keys,
+    or a Hugging Face dataset on disk (a save_to_disk folder, a parquet or JSON file), which
+    --data may be."""
     epochs: int = 4
     """Passes over the training pairs."""
     batch_size: int = 32
@@ -127,7 +132,9 @@ def train_reward(cfg: RewardConfig) -> dict[str, Any]:
     """Train, evaluate and save the reward model; returns its metrics. Under torchrun every
     rank trains on its share of each global batch (see :mod:`cliprail.rlhf.parallel`) and rank
     0 evaluates and saves."""
-    pairs = load_preferences(cfg.data, load_tokenizer(cfg.sft_model, cfg.trust_remote_code))
+    mapping = parse_column_map(cfg.columns, ("prompt", "chosen", "rejected"))
+    tok = load_tokenizer(cfg.sft_model, cfg.trust_remote_code)
+    pairs = load_preferences(cfg.data, tok, mapping)
     dp = DataParallel.from_env(cfg.device, fsdp=cfg.fsdp)
     try:
         return _train_reward(cfg, pairs, dp)

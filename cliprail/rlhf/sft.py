@@ -30,7 +30,7 @@ from cliprail.rlhf.models import (
     train_tokenizer,
 )
 from cliprail.rlhf.parallel import DataParallel
-from cliprail.rlhf.records import CHAT_FILE, chat_signature, load_demonstrations
+from cliprail.rlhf.records import CHAT_FILE, chat_signature, load_demonstrations, parse_column_map
 from cliprail.rlhf.resume import StageCheckpointer, begin_run
 
 
@@ -44,6 +44,10 @@ class SFTConfig(StageOptions):
     """Run folder; the fine-tuned model and tokenizer go to <run_dir>/model."""
     model: Path | None = None
     """A local causal-LM folder to fine-tune; none builds a tiny GPT-2 and a tokenizer."""
+    columns: str = ""
+    """Which columns of --data hold the fields read, as FIELD=COLUMN pairs (e.g.
+    'prompt=question,response=answer'): for a JSONL file with other keys, or a Hugging Face
+    dataset on disk (a save_to_disk folder, a parquet or JSON file), which --data may be."""
     epochs: int = 12
     """Passes over the demonstrations."""
     batch_size: int = 16
@@ -107,7 +111,8 @@ def train_sft(cfg: SFTConfig) -> Path:
     # chat demonstrations render with the model's chat template (a trained tokenizer has none:
     # the plain template), the same rendering PPO gives chat prompts
     template_tok = load_tokenizer(cfg.model, cfg.trust_remote_code) if cfg.model else None
-    demos = load_demonstrations(cfg.data, template_tok)
+    mapping = parse_column_map(cfg.columns, ("prompt", "response", "messages"))
+    demos = load_demonstrations(cfg.data, template_tok, mapping)
     read_extra_tokens(cfg.extra_tokens)  # a bad tokens file fails before the run folder exists
     dp = DataParallel.from_env(cfg.device, fsdp=cfg.fsdp)
     try:
