@@ -167,3 +167,28 @@ def test_python_api_trains_the_policy_in_place(tmp_path):
     assert result.fuse["evals"][0]["checks"] == ["no_refusal", "not_degenerate", "not_repetitive"]
     with pytest.raises(ValueError, match="give reward_model, reward_fn, or both"):
         api.ppo(policy, tok, ["x"], run_dir=tmp_path / "none")
+
+
+def test_python_api_reward_model_and_dpo_in_memory(tmp_path):
+    import copy
+
+    import torch
+
+    from cliprail.rlhf import api
+    from cliprail.rlhf.models import ScalarHeadModel, tiny_gpt2, train_tokenizer
+
+    tok = train_tokenizer([f"Say {w}. {w}. no." for w in WORDS], 120)
+    lm = tiny_gpt2(len(tok), n_layer=1, n_embd=16, n_head=2,
+                   eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)  # fmt: skip
+    pairs = [{"prompt": f"Say {w}.", "chosen": f"{w}.", "rejected": "no."} for w in WORDS * 4]
+    rm = api.reward_model(copy.deepcopy(lm), tok, pairs, run_dir=tmp_path / "rm", epochs=2,
+                          progress=False)  # fmt: skip
+    assert isinstance(rm, ScalarHeadModel) and (tmp_path / "rm" / "model").is_dir()
+    before = {k: v.clone() for k, v in lm.state_dict().items()}
+    metrics = api.dpo(lm, tok, pairs, run_dir=tmp_path / "dpo", epochs=1, progress=False)
+    assert "heldout_implicit_accuracy" in metrics
+    assert any(not torch.equal(before[k], v) for k, v in lm.state_dict().items())  # in place
+    chat = [{"chosen": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"}],
+             "rejected": [{"role": "user", "content": "hi"},
+                          {"role": "assistant", "content": "b"}]}] * 8  # fmt: skip
+    api.dpo(lm, tok, chat, run_dir=tmp_path / "dpo-chat", epochs=1, progress=False)

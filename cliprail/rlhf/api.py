@@ -18,7 +18,8 @@ Models are trained in place (the policy object you passed is the trained policy)
 options are the CLI's flags as config fields (``SFTConfig``, ``PPOConfig``: ``--group-size``
 is ``group_size``). The run folder holds what the CLI's does (metrics, checkpoints, the fuse's
 history and best checkpoint, report pictures); ``config.json`` names the in-memory objects as
-``<in memory>``. ``examples/rlhf_in_memory.py`` runs both end to end.
+``<in memory>``. ``examples/rlhf_in_memory.py`` runs SFT and PPO end to end; the tests run
+the reward model and DPO too.
 """
 
 from __future__ import annotations
@@ -91,6 +92,69 @@ def sft(
     dp = DataParallel.from_env(cfg.device, fsdp=cfg.fsdp)
     try:
         return _train_sft(cfg, demos, dp, given=(model, tokenizer))
+    finally:
+        dp.close()
+
+
+def _pairs(items: Sequence[Mapping[str, Any]], tokenizer: Any) -> list[dict[str, Any]]:
+    """Preference pairs from memory, plain or chat (as :func:`load_preference_pairs` reads)."""
+    import json
+    import tempfile
+
+    from cliprail.rlhf.records import load_preference_pairs
+
+    if not items:
+        raise DataError("no preference pairs given")
+    with tempfile.TemporaryDirectory() as tmp:  # one reader, one set of checks and errors
+        f = Path(tmp) / "pairs.jsonl"
+        f.write_text("".join(json.dumps(dict(x)) + "\n" for x in items))
+        return load_preference_pairs(f, tokenizer)
+
+
+def reward_model(
+    model: Any,
+    tokenizer: Any,
+    pairs: Sequence[Mapping[str, Any]],
+    *,
+    run_dir: str | Path,
+    **options: Any,
+) -> ScalarHeadModel:
+    """A reward model trained on preference ``pairs`` (``{"prompt", "chosen", "rejected"}`` or
+    chat pairs), its trunk the causal LM ``model`` (trained in place: pass a copy to keep it).
+    ``options``: :class:`cliprail.rlhf.reward.RewardConfig` fields. Returns the reward model,
+    ready for :func:`ppo` (its folder is ``run_dir/model``)."""
+    from cliprail.rlhf.parallel import DataParallel
+    from cliprail.rlhf.reward import RewardConfig, _train_reward
+
+    cfg = RewardConfig(data=IN_MEMORY, sft_model=IN_MEMORY, run_dir=Path(run_dir), **options)
+    data = _pairs(pairs, tokenizer)
+    dp = DataParallel.from_env(cfg.device, fsdp=cfg.fsdp)
+    try:
+        _train_reward(cfg, data, dp, given=(model, tokenizer))
+    finally:
+        dp.close()
+    return ScalarHeadModel.load(Path(run_dir) / "model")
+
+
+def dpo(
+    policy: Any,
+    tokenizer: Any,
+    pairs: Sequence[Mapping[str, Any]],
+    *,
+    run_dir: str | Path,
+    **options: Any,
+) -> dict[str, Any]:
+    """DPO (or IPO, ``loss_type="ipo"``) of ``policy`` in place on preference ``pairs``,
+    anchored to a frozen copy of it. ``options``: :class:`cliprail.rlhf.dpo.DPOConfig` fields.
+    Returns the run's metrics (``dpo_metrics.json``)."""
+    from cliprail.rlhf.dpo import DPOConfig, _train_dpo
+    from cliprail.rlhf.parallel import DataParallel
+
+    cfg = DPOConfig(data=IN_MEMORY, sft_model=IN_MEMORY, run_dir=Path(run_dir), **options)
+    data = _pairs(pairs, tokenizer)
+    dp = DataParallel.from_env(cfg.device, fsdp=cfg.fsdp)
+    try:
+        return _train_dpo(cfg, data, [], dp, given=(policy, tokenizer))
     finally:
         dp.close()
 
@@ -169,4 +233,4 @@ def ppo(
     return PPOResult(policy, fuse, Path(run_dir))
 
 
-__all__ = ["IN_MEMORY", "PPOResult", "ppo", "sft"]
+__all__ = ["IN_MEMORY", "PPOResult", "dpo", "ppo", "reward_model", "sft"]

@@ -173,14 +173,23 @@ def train_dpo(cfg: DPOConfig) -> dict[str, Any]:
 
 
 def _train_dpo(
-    cfg: DPOConfig, pairs: list[dict[str, Any]], held_requests: list[PromptRecord], dp: DataParallel
+    cfg: DPOConfig,
+    pairs: list[dict[str, Any]],
+    held_requests: list[PromptRecord],
+    dp: DataParallel,
+    given: tuple[Any, Any] | None = None,
 ) -> dict[str, Any]:
+    """The DPO loop; ``given`` is ``(policy, tokenizer)`` held in memory by the Python API
+    (:func:`cliprail.rlhf.api.dpo`), trained in place."""
     dp.from_main(lambda: begin_run(cfg.run_dir, cfg))
     t0 = time.perf_counter()
     g = seed_everything(cfg.seed)
     train, held = split_pairs(pairs, cfg.holdout, g)
-    tok = load_tokenizer(cfg.sft_model, cfg.trust_remote_code)
-    policy = load_causal_lm(cfg.sft_model, cfg.trust_remote_code)
+    if given is not None:
+        policy, tok = given
+    else:
+        tok = load_tokenizer(cfg.sft_model, cfg.trust_remote_code)
+        policy = load_causal_lm(cfg.sft_model, cfg.trust_remote_code)
     check_vocab(tok, policy, str(cfg.sft_model))
     policy = policy.to(dp.device)
     ref = copy.deepcopy(policy).requires_grad_(False).eval()
@@ -292,7 +301,7 @@ def _train_dpo(
             }
             log.log(total + 1, {k: v for k, v in metrics.items() if k != "evals"})
             with atomic_dir(out) as tmp:
-                policy.save_pretrained(str(tmp), **dp.pretrained_state(policy))  # type: ignore[operator]
+                policy.save_pretrained(str(tmp), **dp.pretrained_state(policy))
                 tok.save_pretrained(str(tmp))
     cost.wall_s = ckpt.wall_s()
     atomic_write_json(cfg.run_dir / "dpo_metrics.json", metrics)

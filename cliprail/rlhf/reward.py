@@ -143,14 +143,22 @@ def train_reward(cfg: RewardConfig) -> dict[str, Any]:
 
 
 def _train_reward(
-    cfg: RewardConfig, pairs: list[dict[str, Any]], dp: DataParallel
+    cfg: RewardConfig,
+    pairs: list[dict[str, Any]],
+    dp: DataParallel,
+    given: tuple[Any, Any] | None = None,
 ) -> dict[str, Any]:
+    """The reward-model loop; ``given`` is ``(causal LM, tokenizer)`` held in memory by the
+    Python API (:func:`cliprail.rlhf.api.reward_model`): the trunk of the reward model."""
     dp.from_main(lambda: begin_run(cfg.run_dir, cfg))
     t0 = time.perf_counter()
     cost = Cost("reward", started=t0)
     g = seed_everything(cfg.seed)
-    tok = load_tokenizer(cfg.sft_model, cfg.trust_remote_code)
-    lm = load_causal_lm(cfg.sft_model, cfg.trust_remote_code)
+    if given is not None:
+        lm, tok = given
+    else:
+        tok = load_tokenizer(cfg.sft_model, cfg.trust_remote_code)
+        lm = load_causal_lm(cfg.sft_model, cfg.trust_remote_code)
     check_vocab(tok, lm, str(cfg.sft_model))
     rm = ScalarHeadModel.from_causal_lm(lm)
     rm = dp.prepare(rm.to(dp.device))  # --fsdp: sharded over the ranks; else as it is
