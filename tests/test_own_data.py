@@ -49,6 +49,11 @@ def test_the_own_data_example_end_to_end(tmp_path, monkeypatch, capsys):
     report = (run / "report.html").read_text()
     assert report.count("<img") == 4 and "The checks along the run" in report
     assert (run / "checks.png").read_bytes().startswith(b"\x89PNG")
+    # compare judges with the PPO run's own checks, and shows them
+    assert main(["rlhf", "compare", str(tmp_path / "sft"), str(run), "--n-prompts", "8",
+                 "--out", str(tmp_path / "cmp")]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "score" in out and "right_or" in out and "GRPO" in out
 
 
 def _chat(user: str, reply: str | None = None) -> list[dict[str, str]]:

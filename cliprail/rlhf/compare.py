@@ -95,6 +95,9 @@ class CompareConfig:
     """Held-out prompts (the first of split 'eval'); a best-of-n run must have used as many."""
     checkpoint: str = "best"
     """Which policy of a PPO run: best (by fuse gold) or policy (the last)."""
+    checks: str | None = None
+    """What judges the replies (see `rlhf ppo --checks`); default: a PPO run's own --checks,
+    else auto (the healthcare judge for healthcare prompts, else the generic checks)."""
     json: bool = False
     """Print one JSON object instead of the table."""
 
@@ -140,15 +143,42 @@ def _policy_path(run: Path, st: dict[str, Any], checkpoint: str) -> Path:
     return Path(st["policy"]) if st.get("policy") else run / "model"
 
 
+def _checks(cfg: CompareConfig, stages: list[dict[str, Any]], prompts: Path, sft: Path) -> Any:
+    """``--checks``, or the first PPO run's own, resolved as `rlhf ppo` resolves it."""
+    from cliprail.rlhf.ppo import PPOConfig, resolve_checks
+
+    spec = cfg.checks
+    blocklist = None
+    if spec is None:
+        for run, st in zip(cfg.runs, stages, strict=True):
+            c = _config(run)
+            if st["stage"] == "ppo" and c.get("checks"):
+                spec, blocklist = c["checks"], c.get("blocklist")
+                break
+    if spec in (None, "auto") and blocklist is None:
+        return "auto"
+    stub = PPOConfig(prompts=prompts, sft_model=sft, run_dir=Path("."),
+                     reward_model=Path("."), checks=spec or "auto",
+                     blocklist=Path(blocklist) if blocklist else None)  # fmt: skip
+    return resolve_checks(stub)
+
+
+def _score(summary: dict[str, Any]) -> float:
+    """The gold score, or a check set's score for prompts judged by one."""
+    if "gold" in summary and not summary.get("checks"):
+        return float(summary["gold"])
+    return float(summary.get("score", math.nan))
+
+
 def _curve(run: Path, st: dict[str, Any], final: dict[str, Any]) -> list[tuple[float, float]]:
     """(KL, gold) points of the method's own evaluations during training."""
     if st["stage"] == "ppo" and (run / "fuse.json").is_file():
         evals = json.loads((run / "fuse.json").read_text()).get("evals", [])
-        return [(e["kl_ref"], e["gold"]) for e in evals]
+        return [(e["kl_ref"], _score(e)) for e in evals]
     if st["stage"] == "dpo" and (run / "dpo_metrics.json").is_file():
         evals = json.loads((run / "dpo_metrics.json").read_text()).get("evals", [])
-        return [(e["kl_ref"], e["gold"]) for e in evals]
-    return [(final["kl_ref"], final["gold"])]
+        return [(e["kl_ref"], _score(e)) for e in evals]
+    return [(final["kl_ref"], _score(final))]
 
 
 def compare_runs(cfg: CompareConfig) -> dict[str, Any]:
@@ -168,6 +198,7 @@ def compare_runs(cfg: CompareConfig) -> dict[str, Any]:
         reward = ScalarHeadModel.load(reward_path).eval()
         shift = float(reward.meta(reward_path).get("shift", 0.0))
     sampling = Sampling()
+    judge = _checks(cfg, stages, prompts_path, sft_path)
     rows: list[dict[str, Any]] = []
     curves: dict[str, list[tuple[float, float]]] = {}
     for run, st in zip(cfg.runs, stages, strict=True):
@@ -187,6 +218,7 @@ def compare_runs(cfg: CompareConfig) -> dict[str, Any]:
                         "method": f"best-of-{p['n']}",
                         "run": str(run),
                         **cost,
+                        **{k: p[k] for k in (*p.get("checks", []), "checks") if k in p},
                         **{
                             k: p.get(k, float("nan"))
                             for k in (
@@ -201,10 +233,10 @@ def compare_runs(cfg: CompareConfig) -> dict[str, Any]:
                         "kl_analytic": p["kl_analytic"],
                     }
                 )
-            curves[f"{label} ({run.name})"] = [(p["kl_ref"], p["gold"]) for p in res["points"]]
+            curves[f"{label} ({run.name})"] = [(p["kl_ref"], _score(p)) for p in res["points"]]
             continue
         policy = load_causal_lm(_policy_path(run, st, cfg.checkpoint)).eval()
-        ev = evaluate_policy(policy, ref, tok, requests, sampling, reward, shift)
+        ev = evaluate_policy(policy, ref, tok, requests, sampling, reward, shift, checks=judge)
         label = (
             METHODS.get(st.get("advantage", "gae"), "PPO")
             if st["stage"] == "ppo"
@@ -215,6 +247,7 @@ def compare_runs(cfg: CompareConfig) -> dict[str, Any]:
             "run": str(run),
             **cost,
             **{k: v for k, v in ev.items() if not isinstance(v, list)},
+            **({"checks": ev["checks"]} if ev.get("checks") else {}),
         }
         rows.append(row)
         curves[f"{label} ({run.name})"] = _curve(run, st, ev)
@@ -237,13 +270,25 @@ def compare_runs(cfg: CompareConfig) -> dict[str, Any]:
     return result
 
 
+def columns(result: dict[str, Any]) -> list[tuple[str, str]]:
+    """The table's columns: the healthcare judge's (:data:`TABLE`), or, for prompts judged by a
+    check set, each check, the score and the costs."""
+    checks = sorted({c for r in result["rows"] for c in r.get("checks", [])})
+    if not checks:
+        return TABLE
+    costs = [(k, short) for k, short in TABLE if k in ("proxy_reward", "kl_ref") or k in COSTS]
+    named = [(c, c[:8]) for c in checks if c != "score"]
+    return [("score", "score"), *named, ("no_eos_rate", "no EOS"), *costs]
+
+
 def table(result: dict[str, Any]) -> str:
     """Plain-text table, one row per method (per n for best-of-n)."""
-    head = f"{'method':12s}" + "".join(f"{short:>9s}" for _, short in TABLE)
+    cols = columns(result)
+    head = f"{'method':12s}" + "".join(f"{short:>9s}" for _, short in cols)
     lines = [head]
     for r in result["rows"]:
         cells = []
-        for key, _ in TABLE:
+        for key, _ in cols:
             v = r.get(key, float("nan"))
             cells.append(
                 f"{v:9.3g}"
@@ -268,16 +313,17 @@ def plot(result: dict[str, Any]) -> bytes:
         xs = [math.sqrt(max(k, 0.0)) for k, _ in pts]
         ax.plot(xs, [gd for _, gd in pts], "o-", color=f"C{i}", ms=4, label=label)
     for r in result["rows"]:
-        ax.plot(math.sqrt(max(r["kl_ref"], 0.0)), r["gold"], "*", color="black", ms=10)
+        ax.plot(math.sqrt(max(r["kl_ref"], 0.0)), _score(r), "*", color="black", ms=10)
         ax.annotate(
             r["method"],
-            (math.sqrt(max(r["kl_ref"], 0.0)), r["gold"]),
+            (math.sqrt(max(r["kl_ref"], 0.0)), _score(r)),
             fontsize=7,
             xytext=(4, 4),
             textcoords="offset points",
         )
     ax.set_xlabel("sqrt(KL to the reference)  [sqrt(nats per response)]")
-    ax.set_ylabel("gold score (held-out prompts)")
+    judged = "score" if any(r.get("checks") for r in result["rows"]) else "gold"
+    ax.set_ylabel(f"{judged} score (held-out prompts)")
     ax.set_title("Gold score against sqrt(KL), each method along its run")
     ax.legend(fontsize=7)
     buf = io.BytesIO()
@@ -288,7 +334,8 @@ def plot(result: dict[str, Any]) -> bytes:
 
 def html_section(result: dict[str, Any], png: bytes, standalone: bool = False) -> str:
     """The table and the plot as HTML (a whole page when ``standalone``)."""
-    cols = "".join(f"<th>{html.escape(short)}</th>" for _, short in TABLE)
+    table_cols = columns(result)
+    cols = "".join(f"<th>{html.escape(short)}</th>" for _, short in table_cols)
     body = [
         f"<h2>The methods side by side on {result['n_prompts']} held-out prompts</h2>",
         f"<table><tr><th>method</th>{cols}</tr>",
@@ -298,7 +345,7 @@ def html_section(result: dict[str, Any], png: bytes, standalone: bool = False) -
             f"<td>{r.get(k, float('nan')):.3f}</td>"
             if not k.startswith("tokens") and k != "held_mb"
             else f"<td>{r.get(k, 0):.3g}</td>"
-            for k, _ in TABLE
+            for k, _ in table_cols
         )
         body.append(f"<tr><td>{html.escape(r['method'])}</td>{cells}</tr>")
     body.append(
