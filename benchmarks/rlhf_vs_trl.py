@@ -98,8 +98,10 @@ import shutil
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from _common import THREADS, add_run_args, alternate, work_folder, world_and_sft
@@ -304,11 +306,18 @@ def evaluate(
     return float(ev["gold"]), float(ev["proxy_reward"])
 
 
-def run_cliprail(setup: Setup, args: argparse.Namespace, rep: int, eval_models: Models) -> Result:
+def run_cliprail(
+    setup: Setup,
+    args: argparse.Namespace,
+    rep: int,
+    eval_models: Models,
+    config: Callable[[Setup, argparse.Namespace, Path], PPOConfig] = cliprail_config,
+) -> Result:
+    """cliprail's timed run: ``train_ppo`` on the ``config`` built for this repeat."""
     torch.set_num_threads(THREADS)
     run_dir = Path(args.out) / f"ppo-cliprail-{rep}"
     shutil.rmtree(run_dir, ignore_errors=True)
-    cfg = cliprail_config(setup, args, run_dir)
+    cfg = config(setup, args, run_dir)
     t0 = time.perf_counter()
     fuse = train_ppo(cfg)
     seconds = time.perf_counter() - t0
@@ -320,7 +329,6 @@ def run_cliprail(setup: Setup, args: argparse.Namespace, rep: int, eval_models: 
 def run_trl(setup: Setup, args: argparse.Namespace, rep: int, eval_models: Models) -> Result:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
     from trl.experimental.ppo import PPOConfig as TRLPPOConfig
     from trl.experimental.ppo import PPOTrainer
 
@@ -378,32 +386,31 @@ def run_trl(setup: Setup, args: argparse.Namespace, rep: int, eval_models: Model
         train_dataset=dataset,
         value_model=value,
     )
-    for cb in (PrinterCallback, ProgressCallback):
-        trainer.remove_callback(cb)
-    torch.set_num_threads(THREADS)
-    setup_seconds = time.perf_counter() - t0
-    with contextlib.redirect_stdout(sys.stderr):  # its "===training policy===" banner
-        trainer.train()
-    seconds = time.perf_counter() - t0
+    setup_seconds, seconds = train_trl(trainer, t0)
     episodes = int(trainer.state.episode)
     trained = trainer.accelerator.unwrap_model(trainer.model).policy
     gold, proxy = evaluate(eval_models, setup, args, trained)
     return Result(episodes, seconds, setup_seconds, gold, proxy)
 
 
+def train_trl(trainer: Any, t0: float) -> tuple[float, float]:
+    """Train a TRL trainer with its printing callbacks removed; returns (setup seconds, total
+    seconds) since ``t0``."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    for cb in (PrinterCallback, ProgressCallback):
+        trainer.remove_callback(cb)
+    torch.set_num_threads(THREADS)
+    setup_seconds = time.perf_counter() - t0
+    with contextlib.redirect_stdout(sys.stderr):  # PPO's "===training policy===" banner
+        trainer.train()
+    return setup_seconds, time.perf_counter() - t0
+
+
 def run_cliprail_grpo(
     setup: Setup, args: argparse.Namespace, rep: int, eval_models: Models
 ) -> Result:
-    torch.set_num_threads(THREADS)
-    run_dir = Path(args.out) / f"ppo-cliprail-{rep}"
-    shutil.rmtree(run_dir, ignore_errors=True)
-    cfg = cliprail_grpo_config(setup, args, run_dir)
-    t0 = time.perf_counter()
-    fuse = train_ppo(cfg)
-    seconds = time.perf_counter() - t0
-    episodes = max(1, cfg.total_episodes // cfg.batch_size) * cfg.batch_size
-    gold, proxy = evaluate(eval_models, setup, args, load_causal_lm(run_dir / "policy"))
-    return Result(episodes, seconds, seconds - fuse["wall_s"], gold, proxy)
+    return run_cliprail(setup, args, rep, eval_models, cliprail_grpo_config)
 
 
 class RewardModelFn:
@@ -439,7 +446,6 @@ class RewardModelFn:
 def run_trl_grpo(setup: Setup, args: argparse.Namespace, rep: int, eval_models: Models) -> Result:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
     from trl import GRPOConfig, GRPOTrainer
 
     torch.set_num_threads(THREADS)
@@ -490,13 +496,7 @@ def run_trl_grpo(setup: Setup, args: argparse.Namespace, rep: int, eval_models: 
         train_dataset=dataset,
         processing_class=tok,
     )
-    for cb in (PrinterCallback, ProgressCallback):
-        trainer.remove_callback(cb)
-    torch.set_num_threads(THREADS)
-    setup_seconds = time.perf_counter() - t0
-    with contextlib.redirect_stdout(sys.stderr):
-        trainer.train()
-    seconds = time.perf_counter() - t0
+    setup_seconds, seconds = train_trl(trainer, t0)
     trained = trainer.accelerator.unwrap_model(trainer.model)
     gold, proxy = evaluate(eval_models, setup, args, trained)
     return Result(args.episodes, seconds, setup_seconds, gold, proxy)
