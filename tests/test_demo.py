@@ -53,3 +53,16 @@ def test_demo_writes_the_summary_and_prints_it_last(tmp_path, capsys):
     report = (run / "report.html").read_text()
     assert "What happened" in report
     assert "8 eval prompts, which the fuse never evaluated, the kept policy moved" in report
+
+
+def test_demo_with_a_critic_free_advantage(tmp_path, capsys):
+    """--advantage rloo: the main run holds no value model (its stage.json says so)."""
+    run = tmp_path / "demo"
+    assert main(["demo", "--run-dir", str(run), "--n-train", "96", "--n-eval", "8",
+                 "--sft-epochs", "1", "--total-episodes", "16", "--advantage", "rloo",
+                 "--group-size", "4", "--no-progress", "--json"]) == 0  # fmt: skip
+    stage = json.loads((run / "ppo" / "stage.json").read_text())
+    assert stage["advantage"] == "rloo"
+    config = json.loads((run / "ppo" / "config.json").read_text())
+    assert config["group_size"] == 4 and config["advantage"] == "rloo"
+    capsys.readouterr()
