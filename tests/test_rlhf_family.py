@@ -148,7 +148,8 @@ def test_grpo_cli_end_to_end_checkpoints_no_critic(pipeline, capsys):
             "--max-new-tokens", "12", "--eval-every", "1", "--eval-prompts", "8",
             "--advantage", "grpo", "--group-size", "4", "--kl-in", "loss",
             "--loss-agg", "seq_mean_token_sum_norm", "--clip-range-high", "0.28",
-            "--dual-clip", "3", "--filter-zero-variance", "--checkpoint-every", "1",
+            "--dual-clip", "3", "--filter-zero-variance", "--ratio-level", "sequence",
+            "--checkpoint-every", "1",
             "--no-progress"]  # fmt: skip
     assert main(args) == 0
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
