@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -149,6 +151,10 @@ def _train_params(tmp_path, name, **kw):
     return _params(tr)
 
 
+@pytest.mark.skipif(
+    not (shutil.which("g++") or shutil.which("c++")),
+    reason="torch.compile's CPU backend needs a C++ compiler (the fallback is tested below)",
+)
 def test_compile_matches_eager_to_float_rounding(tmp_path, capsys):
     """Issue 17: --compile runs the same maths (clip annealed over 2 updates, a tensor input,
     no recompile) and ends within float rounding of the eager run."""
