@@ -397,3 +397,14 @@ def test_chat_demonstrations_without_an_assistant_turn(tmp_path, capsys):
                "--run-dir", str(tmp_path / "dpo"), "--no-progress"])  # fmt: skip
     assert rc == 2
     capsys.readouterr()
+
+
+def test_threads_flag(pipeline, tmp_path, capsys, monkeypatch):
+    rc = main(_ppo_args(pipeline, tmp_path / "run", **{"--threads": "0"}))
+    _one_line_error(capsys, rc, "--threads must be >= 1, got 0")
+    assert not (tmp_path / "run").exists()
+    seen = []
+    monkeypatch.setattr(torch, "set_num_threads", seen.append)
+    assert main(_ppo_args(pipeline, tmp_path / "run1", **{"--threads": "1"})) == 0
+    assert seen == [1]
+    capsys.readouterr()

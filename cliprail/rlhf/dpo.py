@@ -159,6 +159,7 @@ def train_dpo(cfg: DPOConfig) -> dict[str, Any]:
     """Train with DPO; returns the metrics (also in <run_dir>/dpo_metrics.json). Under torchrun
     every rank trains on its share of each global batch (see :mod:`cliprail.rlhf.parallel`);
     rank 0 runs the evaluations and saves."""
+    cfg.apply_threads()
     mapping = parse_column_map(cfg.columns, ("prompt", "chosen", "rejected"))
     tok = load_tokenizer(cfg.sft_model, cfg.trust_remote_code)
     pairs = load_preferences(cfg.data, tok, mapping)

@@ -793,6 +793,7 @@ def train_ppo(
         if cfg.reward_fn:
             load_function(cfg.reward_fn, "--reward-fn")
         resolve_checks(cfg)
+    cfg.apply_threads()
     requests = records if records is not None else load_prompts_of(cfg)
     train = [r for r in requests if r.split == "train"]
     held_split, held = validation_requests(requests)

@@ -132,6 +132,7 @@ def train_reward(cfg: RewardConfig) -> dict[str, Any]:
     """Train, evaluate and save the reward model; returns its metrics. Under torchrun every
     rank trains on its share of each global batch (see :mod:`cliprail.rlhf.parallel`) and rank
     0 evaluates and saves."""
+    cfg.apply_threads()
     mapping = parse_column_map(cfg.columns, ("prompt", "chosen", "rejected"))
     tok = load_tokenizer(cfg.sft_model, cfg.trust_remote_code)
     pairs = load_preferences(cfg.data, tok, mapping)

@@ -108,6 +108,7 @@ class SFTConfig(StageOptions):
 def train_sft(cfg: SFTConfig) -> Path:
     """Run SFT; returns the folder of the fine-tuned model (with its tokenizer). Under torchrun
     every rank trains on its share of each global batch (see :mod:`cliprail.rlhf.parallel`)."""
+    cfg.apply_threads()
     # chat demonstrations render with the model's chat template (a trained tokenizer has none:
     # the plain template), the same rendering PPO gives chat prompts
     template_tok = load_tokenizer(cfg.model, cfg.trust_remote_code) if cfg.model else None
