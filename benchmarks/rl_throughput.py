@@ -11,6 +11,9 @@ between the libraries and the medians are reported; the last line is the HalfChe
     python benchmarks/rl_throughput.py [--rollouts 3] [--repeats 3] [--compile]
     python benchmarks/rl_throughput.py --preset atari --envs ALE/Pong-v5 --rollouts 10
 
+With ``--vector ale`` (Atari) cliprail steps its games in ale-py's C++ vector env; it is also
+timed with the wrapper stack (``--vector sync``), alternating, for the backend's own gain.
+
 With ``--compile`` cliprail also runs with torch.compile of its minibatch loss, the compilation
 timed inside each run (so a short run pays it on few steps: ``--rollouts 489`` times a whole
 1M-step training).
@@ -54,7 +57,12 @@ def raw_steps_per_s(env_id: str, steps: int = 20_000) -> float:
 
 
 def cliprail_steps_per_s(
-    env_id: str, rollouts: int, seed: int, compile: bool = False, preset: str = "mujoco"
+    env_id: str,
+    rollouts: int,
+    seed: int,
+    compile: bool = False,
+    preset: str = "mujoco",
+    vector: str = "sync",
 ) -> float:
     """Steps per second of one whole ``train()`` call: with ``compile``, the compilation at the
     first update is inside the timed span (amortised over ``rollouts``)."""
@@ -64,7 +72,7 @@ def cliprail_steps_per_s(
         cfg = preset_config(preset, env_id=env_id,
                             total_steps=rollouts * base.num_envs * base.num_steps, seed=seed,
                             run_dir=Path(tmp) / "run", progress=False, tensorboard=False,
-                            checkpoint_every=0, compile=compile)  # fmt: skip
+                            checkpoint_every=0, compile=compile, vector=vector)  # fmt: skip
         trainer = RLTrainer(cfg)
         t0 = time.perf_counter()
         trainer.train()
@@ -143,6 +151,13 @@ def main() -> None:
         "compilation counted inside each timed run; the ratio lines then use the compiled runs. "
         "Give --rollouts 489 to time a full 1M-step training",
     )
+    ap.add_argument(
+        "--vector",
+        choices=("sync", "ale"),
+        default="sync",
+        help="cliprail's vector env: sync (the wrapper stack) or ale (ale-py's C++ vector env, "
+        "Atari only; sync is then timed too, for the backend's own gain)",
+    )
     args = ap.parse_args()
     sb3_threads = torch.get_num_threads()
     base = preset_config(args.preset)
@@ -152,12 +167,18 @@ def main() -> None:
     ratios = {}
     for env_id in args.envs:
         raw = raw_steps_per_s(env_id)
-        ours, theirs, eager = [], [], []
+        ours, theirs, eager, wrapped = [], [], [], []
         for r in range(args.repeats):
+            if args.vector == "ale":
+                wrapped.append(
+                    cliprail_steps_per_s(env_id, args.rollouts, r + 1, args.compile, args.preset)
+                )
             if args.compile:  # eager too, for the compile's own gain
                 eager.append(cliprail_steps_per_s(env_id, args.rollouts, r + 1, False, args.preset))
             ours.append(
-                cliprail_steps_per_s(env_id, args.rollouts, r + 1, args.compile, args.preset)
+                cliprail_steps_per_s(
+                    env_id, args.rollouts, r + 1, args.compile, args.preset, args.vector
+                )
             )
             sb3 = sb3_atari_steps_per_s if args.preset == "atari" else sb3_steps_per_s
             theirs.append(sb3(env_id, args.rollouts, seed=r + 1, threads=sb3_threads))
@@ -169,17 +190,27 @@ def main() -> None:
                 f"{', '.join(f'{x:.0f}' for x in eager)}); --compile {m_ours / m_eager:.2f}x that, "
                 f"compilation included; eager/SB3 {m_eager / m_theirs:.2f}"
             )
+        if wrapped:
+            m_wrapped = statistics.median(wrapped)
+            print(
+                f"{env_id:16s} cliprail --vector sync {m_wrapped:7.0f} steps/s (runs "
+                f"{', '.join(f'{x:.0f}' for x in wrapped)}); --vector ale "
+                f"{m_ours / m_wrapped:.2f}x that; sync/SB3 {m_wrapped / m_theirs:.2f}"
+            )
         ratios[env_id] = m_ours / m_theirs
         runs_ours = ", ".join(f"{x:.0f}" for x in ours)
         runs_theirs = ", ".join(f"{x:.0f}" for x in theirs)
         print(
             f"{env_id:16s} raw stepping {raw:9.0f} steps/s | cliprail"
-            f"{' --compile' if args.compile else ''} {m_ours:7.0f} steps/s "
+            f"{' --compile' if args.compile else ''}"
+            f"{' --vector ale' if args.vector == 'ale' else ''} {m_ours:7.0f} steps/s "
             f"(runs {runs_ours}) | SB3 {m_theirs:7.0f} steps/s (runs {runs_theirs}) "
             f"| ratio {ratios[env_id]:.2f}"
         )
     for env_id, ratio in ratios.items():
-        tag = " (cliprail --compile)" if args.compile else ""
+        flags = [f for f, on in (("--compile", args.compile), ("--vector ale",
+                                 args.vector == "ale")) if on]  # fmt: skip
+        tag = f" (cliprail {' '.join(flags)})" if flags else ""
         print(f"ratio cliprail/SB3 {env_id}{tag}: {ratio:.2f}")
 
 

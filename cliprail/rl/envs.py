@@ -10,6 +10,7 @@ that must not be trained on.) Episode statistics come from a per-env
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -177,6 +178,21 @@ def space_spec(obs_space: gym.Space, action_space: gym.Space, env_id: str) -> Sp
     )
 
 
+def _ale_vector_env(cfg: RLConfig, n: int) -> gym.vector.VectorEnv:
+    if not cfg.atari:
+        raise EnvError("--vector ale steps Atari games only: use it with --preset atari")
+    from cliprail.rl.ale_vector import ALEVectorEnv
+
+    return ALEVectorEnv(
+        cfg.env_id,
+        n,
+        frame_stack=cfg.frame_stack,
+        noop_max=cfg.noop_max,
+        sticky_actions=cfg.sticky_actions,
+        num_threads=min(n, os.cpu_count() or 1),
+    )
+
+
 def make_vector_env(cfg: RLConfig, num_envs: int | None = None) -> gym.vector.VectorEnv:
     """Build the vector env of ``cfg`` (``num_envs`` overrides ``cfg.num_envs``).
 
@@ -191,6 +207,8 @@ def make_vector_env(cfg: RLConfig, num_envs: int | None = None) -> gym.vector.Ve
         gym.spec(cfg.env_id)
     except gym.error.Error as exc:
         raise EnvError(f"unknown environment id {cfg.env_id!r}: {exc}") from None
+    if cfg.vector == "ale":
+        return _ale_vector_env(cfg, n)
     fns = [make_env_fn(cfg) for _ in range(n)]
     kwargs: dict[str, Any] = {"autoreset_mode": AutoresetMode.SAME_STEP}
     try:

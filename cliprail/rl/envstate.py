@@ -466,6 +466,11 @@ def _sub_envs(envs: gym.vector.VectorEnv) -> list[gym.Env]:
             "--vector async: the sub-envs live in worker processes; exact resume needs "
             "--vector sync"
         )
+    if type(envs).__name__ == "ALEVectorEnv":
+        raise SnapshotError(
+            "--vector ale: the games live in ale-py's C++ vector env, whose state cannot be "
+            "saved; exact resume needs --vector sync"
+        )
     raise SnapshotError(f"{type(envs).__name__}: cliprail has no rule for this vector env")
 
 
