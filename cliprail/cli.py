@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 import time
@@ -302,8 +303,9 @@ def _demo_rlhf(args: DemoArgs, run_dir: Path) -> int:
     fuse = train_ppo(demo_ppo_config(args, run_dir, data, sft, world.n_val, **family))
     state = "fuse halted: " + fuse["halted"] if fuse["halted"] else "fuse not tripped"
     say(
-        f"[4/5] PPO: {state}; best checkpoint update {fuse['best_update']} "
-        f"(validation gold {fuse['best_gold']:.3f})"
+        f"[4/5] PPO: {state}; kept checkpoint update {fuse['best_update']} "
+        f"(validation gold {fuse['best_gold']:.3f}; peak {fuse.get('peak_score', math.nan):.3f} "
+        f"at update {fuse.get('peak_update')})"
     )
     result = compare(EvalConfig(run_dir=run_dir / "ppo", n_prompts=world.n_eval))
     extra = _demo_compare(args, run_dir, data, sft, world.n_val, say) if args.compare else None

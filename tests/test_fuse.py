@@ -29,10 +29,43 @@ def test_keeps_the_best_and_halts_after_patience_falls():
     assert out == [(True, False), (True, False), (False, False), (False, False),
                    (False, False), (False, True)]  # fmt: skip
     assert fuse.best_update == 4 and fuse.best_score == 0.90
-    assert "fell more than 0.02 below the best (0.900 at update 4) for 3 evaluations" in (
+    assert "fell more than 0.02 below the peak (0.900 at update 4) for 3 evaluations" in (
         fuse.halted or ""
     )
     assert [e["update"] for e in fuse.evals] == [0, 4, 8, 12, 16, 20]
+
+
+def test_keeps_the_latest_within_the_keep_tolerance_of_the_peak():
+    """Issue 13: the demo's seed-1 validation golds. The peak (update 28) is one lucky
+    evaluation among others within 0.01 of it; the fuse keeps the latest of them (48)."""
+    golds = [0.821, 0.927, 0.899, 0.941, 0.873, 0.920, 0.966, 0.993, 0.969, 0.990, 0.989,
+             0.987, 0.983]  # fmt: skip
+    fuse = SafetyFuse(kl_budget=20.0, patience=3, tolerance=0.05, keep_tolerance=0.02)
+    out = _run(fuse, [(4 * i, {"gold": g, "kl_ref": 0.5}) for i, g in enumerate(golds)])
+    assert not any(h for _, h in out)  # the dip to 0.873 at update 16 is one evaluation
+    assert [4 * i for i, (k, _) in enumerate(out) if k] == [0, 4, 12, 24, 28, 36, 40, 44, 48]
+    assert (fuse.best_update, fuse.peak_update, fuse.peak_score) == (48, 28, 0.993)
+    # with no keep tolerance the same history keeps the peak, as before
+    strict = SafetyFuse(kl_budget=20.0, patience=3, tolerance=0.05)
+    _run(strict, [(4 * i, {"gold": g, "kl_ref": 0.5}) for i, g in enumerate(golds)])
+    assert strict.best_update == 28
+
+
+def test_reward_hacking_keeps_the_peak_and_halts_on_the_fall_below_it():
+    """The demo's --hacking seed-0 history: gold falls from the first evaluation on, while the
+    kept policy must stay within 0.02 of the peak's gold (issue 13's bar)."""
+    fuse = SafetyFuse(kl_budget=None, patience=3, tolerance=0.05, keep_tolerance=0.02)
+    history = ((0, 0.848, 0.0), (4, 0.774, 8.2), (8, 0.769, 31.1), (12, 0.646, 74.2))
+    out = _run(fuse, [(u, {"gold": g, "kl_ref": k}) for u, g, k in history])
+    assert out == [(True, False), (False, False), (False, False), (False, True)]
+    assert fuse.best_update == 0 and "below the peak (0.848 at update 0)" in (fuse.halted or "")
+
+
+def test_the_keep_tolerance_never_keeps_a_blown_budget_and_peaks_within_it():
+    fuse = SafetyFuse(kl_budget=5.0, patience=3, tolerance=0.05, keep_tolerance=0.02)
+    out = _run(fuse, [(0, {"gold": 0.90, "kl_ref": 0.0}), (4, {"gold": 0.99, "kl_ref": 6.0})])
+    assert out == [(True, False), (False, True)]
+    assert fuse.peak_score == 0.90  # an evaluation over the budget is not the peak either
 
 
 def test_a_recovery_resets_the_count():

@@ -6,13 +6,19 @@ the reward model to say (the healthcare gold judge, a user's own checks). Every 
 updates the trainer evaluates the policy on held-out prompts and hands the record to
 :meth:`SafetyFuse.observe`, which decides, from the record alone:
 
-* **keep**: the record's score beats every earlier one and its KL to the reference is within
-  the budget: the trainer saves this policy as the run's best checkpoint (a policy over the
-  budget is never kept, however well it scores);
+* **keep**: the record's score is within ``keep_tolerance`` of the best score so far (the
+  peak; with 0, it must beat every earlier one) and its KL to the reference is within the
+  budget: the trainer saves this policy as the run's kept checkpoint, so the fuse keeps the
+  *latest* policy that is as good as the peak within the evaluation's noise (a policy over the
+  budget is never kept, however well it scores). Issue 13's runs are why: on 120 prompts the
+  gold of one policy's evaluations swings by 0.02-0.07 from one evaluation to the next, so the
+  single best evaluation is mostly the luckiest one, and the policies kept that way, 4-20
+  updates into a 48-update run, still gave a rare unsafe answer or missed a red flag on
+  unseen prompts, where the later policies within 0.02 of the peak did not (docs/results.md);
 * **halt** on the KL budget: the evaluation's KL to the reference (nats per response) passed
   ``kl_budget``;
 * **halt** on a falling score: ``patience`` evaluations in a row scored more than ``tolerance``
-  below the best (reward hacking as Gao et al. 2022 describe it: the proxy keeps rising while
+  below the peak (reward hacking as Gao et al. 2022 describe it: the proxy keeps rising while
   the true score falls).
 
 The fuse holds no model and does no I/O; its state is one JSON-able dict (``fuse.json`` and the
@@ -42,9 +48,12 @@ class SafetyFuse:
     Args:
         kl_budget: halt when an evaluation's ``kl_ref`` passes this (nats per response); None:
             no budget.
-        patience: halt after this many evaluations in a row below the best by more than
+        patience: halt after this many evaluations in a row below the peak by more than
             ``tolerance``.
-        tolerance: the drop in score that counts as a fall.
+        tolerance: the drop in score below the peak that counts as a fall.
+        keep_tolerance: keep the latest policy whose score is within this of the peak (0: only
+            a new peak is kept). Applies to the score; with ``failures`` the ranking below
+            decides.
         split: the prompts the fuse evaluates on (recorded, for the reports).
         score: the record's key the choice and the halting follow (``gold`` for the healthcare
             judge; a checks plug-in's ``score``). A record without it (no checks at all) is
@@ -61,6 +70,11 @@ class SafetyFuse:
     True
     >>> fuse.best_update, fuse.best_score
     (4, 0.7)
+    >>> fuse = SafetyFuse(kl_budget=None, patience=3, tolerance=0.05, keep_tolerance=0.02)
+    >>> [fuse.observe(u, {"gold": g}).keep for u, g in ((0, 0.8), (4, 0.95), (8, 0.94), (12, 0.9))]
+    [True, True, True, False]
+    >>> fuse.best_update, fuse.best_score, fuse.peak_update, fuse.peak_score
+    (8, 0.94, 4, 0.95)
     """
 
     def __init__(
@@ -68,18 +82,24 @@ class SafetyFuse:
         kl_budget: float | None,
         patience: int,
         tolerance: float,
+        keep_tolerance: float = 0.0,
         split: str = "val",
         score: str = "gold",
         failures: tuple[str, ...] = (),
     ) -> None:
         if patience <= 0:
             raise ValueError(f"patience must be > 0, got {patience}")
+        if keep_tolerance < 0 or tolerance < 0:
+            raise ValueError("tolerance and keep_tolerance must be >= 0")
         self.kl_budget, self.patience, self.tolerance = kl_budget, patience, tolerance
+        self.keep_tolerance = keep_tolerance
         self.split, self.score, self.failures = split, score, tuple(failures)
         self.evals: list[dict[str, Any]] = []
-        self.best_update = 0
+        self.best_update = 0  # the kept policy's update and score
         self.best_score = -math.inf
         self.best_failures = math.inf
+        self.peak_update = 0  # the highest score within the budget so far
+        self.peak_score = -math.inf
         self.halted: str | None = None
 
     def observe(self, update: int, record: dict[str, Any]) -> Decision:
@@ -93,8 +113,13 @@ class SafetyFuse:
         # with no score, the newest policy within the budget is the one to keep
         score = float(rec.get(self.score, len(self.evals)))
         failed = sum(float(rec.get(k, 0.0)) for k in self.failures)  # 0 without failure keys
-        better = (failed, -score) < (self.best_failures, -self.best_score)
-        keep = better and not over_budget  # never keep a blown budget
+        if not over_budget and score > self.peak_score:
+            self.peak_score, self.peak_update = score, update
+        if self.failures:
+            good = (failed, -score) < (self.best_failures, -self.best_score)
+        else:  # as good as the peak, within the evaluation's noise: the latest such is kept
+            good = score >= self.peak_score - self.keep_tolerance
+        keep = good and not over_budget  # never keep a blown budget
         if keep:
             self.best_score, self.best_update, self.best_failures = score, update, failed
         if over_budget:
@@ -105,23 +130,27 @@ class SafetyFuse:
         elif self.score in rec:
             recent = self.evals[-self.patience :]
             if len(recent) == self.patience and all(
-                float(e[self.score]) < self.best_score - self.tolerance for e in recent
+                float(e[self.score]) < self.peak_score - self.tolerance for e in recent
             ):
                 self.halted = (
-                    f"eval {self.score} score fell more than {self.tolerance} below the best "
-                    f"({self.best_score:.3f} at update {self.best_update}) for {self.patience} "
+                    f"eval {self.score} score fell more than {self.tolerance} below the peak "
+                    f"({self.peak_score:.3f} at update {self.peak_update}) for {self.patience} "
                     f"evaluations in a row, at update {update}"
                 )
         return Decision(keep, self.halted)
 
     def state_dict(self) -> dict[str, Any]:
         """The fuse as ``fuse.json`` writes it: ``evals`` (every record with its update),
-        ``best_update``, ``best_gold`` (the best score, under its historical name), ``halted``,
+        ``best_update`` and ``best_gold`` (the kept policy's update and score, under their
+        historical names), ``peak_update`` and ``peak_score``, ``keep_tolerance``, ``halted``,
         ``split`` and ``score``."""
         state = {
             "evals": list(self.evals),
             "best_update": self.best_update,
             "best_gold": self.best_score,
+            "peak_update": self.peak_update,
+            "peak_score": self.peak_score,
+            "keep_tolerance": self.keep_tolerance,
             "halted": self.halted,
             "split": self.split,
             "score": self.score,
@@ -136,6 +165,10 @@ class SafetyFuse:
         self.evals = list(state["evals"])
         self.best_update = int(state["best_update"])
         self.best_score = float(state["best_gold"])
+        # a run saved before the keep tolerance existed kept its peak
+        self.peak_update = int(state.get("peak_update", self.best_update))
+        self.peak_score = float(state.get("peak_score", self.best_score))
+        self.keep_tolerance = float(state.get("keep_tolerance", 0.0))
         self.halted = state.get("halted")
         self.split = state.get("split", self.split)
         self.score = state.get("score", "gold")

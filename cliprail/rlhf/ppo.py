@@ -217,15 +217,23 @@ class PPOConfig(StageOptions):
     kl_budget: float | None = 20.0
     """Halt when the eval KL to the reference (nats per response) passes this; None: no budget."""
     fuse_patience: int = 3
-    """Halt after this many evaluations in a row whose gold score is below the best by more
+    """Halt after this many evaluations in a row whose gold score is below the peak by more
     than fuse_tolerance."""
-    fuse_tolerance: float = 0.02
-    """Gold-score drop that counts as a fall."""
+    fuse_tolerance: float = 0.05
+    """Gold-score drop below the peak that counts as a fall. On the demo's 120 validation
+    prompts one evaluation dips by up to 0.07 and recovers (issue 13's runs), so a fall must
+    pass this for fuse_patience evaluations in a row; reward hacking falls further and stays
+    down (docs/results.md)."""
+    fuse_keep_tolerance: float = 0.02
+    """The fuse keeps the latest evaluated policy whose gold score is within this of the peak
+    (0: the peak itself). Within it, evaluations differ by noise, and the later policy has had
+    more updates on rare failures (issue 13: the peak's policy, often kept early, still missed
+    a red flag or gave unsafe advice on unseen prompts where the later ones did not)."""
     fuse_keep: Literal["gold", "safety_first"] = "gold"
-    """Which evaluated policy the fuse keeps as the best checkpoint: the one with the highest
-    gold score (gold), or the one with the fewest unsafe answers and missed emergencies on the
-    fuse's held-out and red-team prompts, the gold score breaking ties (safety_first). The
-    halting rules follow the gold score either way."""
+    """Which evaluated policy the fuse keeps as the best checkpoint: the latest one within
+    fuse_keep_tolerance of the peak gold score (gold), or the one with the fewest unsafe
+    answers and missed emergencies on the fuse's held-out and red-team prompts, the gold score
+    breaking ties (safety_first). The halting rules follow the gold score either way."""
     max_prompt_len: int = 128
     """Longest prompt in tokens; longer is an error."""
     max_nonfinite_updates: int = 3
@@ -269,6 +277,8 @@ class PPOConfig(StageOptions):
             raise ConfigError("--learning-rate must be > 0, --lam in [0, 1], --gamma in (0, 1]")
         if self.eval_every < 0 or self.eval_prompts <= 0 or self.fuse_patience <= 0:
             raise ConfigError("--eval-every must be >= 0, --eval-prompts and --fuse-patience > 0")
+        if self.fuse_tolerance < 0 or self.fuse_keep_tolerance < 0:
+            raise ConfigError("--fuse-tolerance and --fuse-keep-tolerance must be >= 0")
         if self.kl_budget is not None and not self.kl_budget >= 0:
             raise ConfigError(f"--kl-budget must be >= 0 nats, got {self.kl_budget}")
         self._check_reward()
@@ -852,6 +862,7 @@ def _train_ppo(
         cfg.kl_budget,
         cfg.fuse_patience,
         cfg.fuse_tolerance,
+        cfg.fuse_keep_tolerance if cfg.fuse_keep == "gold" else 0.0,
         held_split,
         score="gold" if judge else "score",  # a user's check set: its score (issue 15)
         failures=SAFETY_FAILURES if cfg.fuse_keep == "safety_first" else (),

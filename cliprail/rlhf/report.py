@@ -62,7 +62,7 @@ def _plots(metrics: list[dict[str, Any]], fuse: dict[str, Any]) -> list[tuple[st
     if fuse.get("best_update") is not None:
         ax.axvline(fuse["best_update"], color="grey", ls="--", lw=1)
     ax.set_title(f"Proxy reward and {label} on the fuse's {fuse.get('split', 'eval')} prompts")
-    out.append((f"Proxy reward vs {label} (dashed: best checkpoint)", _png(fig)))
+    out.append((f"Proxy reward vs {label} (dashed: the kept checkpoint)", _png(fig)))
     fig, ax = plt.subplots(figsize=(6, 3.4))
     xs = [math.sqrt(max(e["kl_ref"], 0.0)) for e in evals]
     ax.plot(xs, [e.get(key, math.nan) for e in evals], "o-")
@@ -105,6 +105,21 @@ def _pct(x: float) -> str:
     return "n/a" if x != x else f"{100 * x:.0f}%"
 
 
+def _kept_why(fuse: dict[str, Any], name: str, kept: Any) -> str:
+    split = fuse.get("split", "eval")
+    tol = float(fuse.get("keep_tolerance", 0.0))
+    peak = fuse.get("peak_update", kept)
+    if tol > 0 and peak != kept:
+        return (
+            f"the latest evaluated policy within {tol} of the peak {name} score on the {split} "
+            f"prompts, {fuse.get('peak_score', math.nan):.3f} at update {peak}, within the KL "
+            "budget)."
+        )
+    return (
+        f"the best {name} score on its evaluations of the {split} prompts, within the KL budget)."
+    )
+
+
 def story(result: dict[str, Any] | None, fuse: dict[str, Any]) -> list[str]:
     """A few plain sentences saying what happened: the fuse's verdict, what PPO changed on the
     held-out prompts, and whether the proxy reward rose while the gold score fell."""
@@ -119,8 +134,7 @@ def story(result: dict[str, Any] | None, fuse: dict[str, Any]) -> list[str]:
         f"The safety fuse {'halted the run: ' + halted if halted else 'did not trip'}; "
         f"it kept the policy of update {kept} ("
         + (
-            f"the best {name} score on its evaluations of the {fuse.get('split', 'eval')} "
-            "prompts, within the KL budget)."
+            _kept_why(fuse, name, kept)
             if scored or not evals
             else "the newest within the KL budget: the run had no checks to score it)."
         )
