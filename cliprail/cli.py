@@ -117,14 +117,17 @@ class DemoArgs:
     """The main run's advantage estimator: gae (PPO with the critic, the default) or a
     critic-free one with --group-size responses per prompt (on seeds 0-4 of this world RLOO
     passed issue 13's bars on 4 seeds, PPO with the critic on 1: docs/results.md)."""
-    total_episodes: int = 3072
-    """PPO episodes (healthcare): 48 updates of 64 prompts."""
+    total_episodes: int = 4608
+    """PPO episodes (healthcare): 72 updates of 64 prompts (docs/results.md: the runs that
+    chose this and the learning rate, on seeds 0-4, and their check on fresh seeds)."""
     kl_coef: float = 0.2
     """PPO's per-token KL penalty (healthcare; --hacking sets 0). Larger than `rlhf ppo`'s
     0.05 (Huang et al. 2024's value for a pretrained 1B model): the tiny demo model drifts off
     its slot-copying with less, where the reward model cannot see it (docs/results.md)."""
-    ppo_learning_rate: float = 2e-4
-    """PPO's AdamW learning rate (healthcare)."""
+    ppo_learning_rate: float = 1e-4
+    """PPO's AdamW learning rate (healthcare). The reward model cannot tell a wrong slot from
+    the right one on about half the prompts (docs/results.md), so each step moves the slot
+    copying by noise that only the KL penalty pulls back; smaller steps, more of them."""
     n_train: int | None = None
     """Training requests of the healthcare world, from which the SFT demonstrations, the
     preference pairs and the PPO prompts come (default: the world's own, see `cliprail rlhf
@@ -383,6 +386,7 @@ def demo_summary(
         "fuse": {
             "verdict": fuse.get("halted") or "not tripped",
             "kept_update": fuse.get("best_update"),
+            "peak_update": fuse.get("peak_update", fuse.get("best_update")),
             "split": fuse.get("split", "eval"),
             "history": history,
         },
