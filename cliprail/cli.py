@@ -115,19 +115,22 @@ class DemoArgs:
     critic-free --advantage."""
     advantage: Literal["gae", "grpo", "rloo", "reinforce_pp"] = "gae"
     """The main run's advantage estimator: gae (PPO with the critic, the default) or a
-    critic-free one with --group-size responses per prompt (on seeds 0-4 of this world RLOO
-    passed issue 13's bars on 4 seeds, PPO with the critic on 1: docs/results.md)."""
-    total_episodes: int = 4608
-    """PPO episodes (healthcare): 72 updates of 64 prompts (docs/results.md: the runs that
-    chose this and the learning rate, on seeds 0-4, and their check on fresh seeds)."""
+    critic-free one with --group-size responses per prompt (docs/results.md compares them on
+    this world)."""
+    total_episodes: int | None = None
+    """PPO episodes (healthcare): by default 4608, 72 updates of 64 prompts (docs/results.md:
+    the runs that chose this and the learning rate, on seeds 0-4, and their check on fresh
+    seeds); with --hacking 3072 (48 updates)."""
     kl_coef: float = 0.2
     """PPO's per-token KL penalty (healthcare; --hacking sets 0). Larger than `rlhf ppo`'s
     0.05 (Huang et al. 2024's value for a pretrained 1B model): the tiny demo model drifts off
     its slot-copying with less, where the reward model cannot see it (docs/results.md)."""
-    ppo_learning_rate: float = 1e-4
-    """PPO's AdamW learning rate (healthcare). The reward model cannot tell a wrong slot from
-    the right one on about half the prompts (docs/results.md), so each step moves the slot
-    copying by noise that only the KL penalty pulls back; smaller steps, more of them."""
+    ppo_learning_rate: float | None = None
+    """PPO's AdamW learning rate (healthcare): by default 1e-4. The reward model cannot tell a
+    wrong slot from the right one on about half the prompts (docs/results.md), so each step
+    moves the slot copying by noise that only the KL penalty pulls back; smaller steps, more
+    of them. With --hacking 2e-4, the unprotected run's larger step (at 1e-4 its gold fell too
+    slowly past the peak for the fuse's 3 evaluations: docs/results.md)."""
     n_train: int | None = None
     """Training requests of the healthcare world, from which the SFT demonstrations, the
     preference pairs and the PPO prompts come (default: the world's own, see `cliprail rlhf
@@ -346,10 +349,10 @@ def demo_ppo_config(
         sft_model=sft,
         reward_model=run_dir / "rm" / "model",
         run_dir=run_dir / name,
-        total_episodes=args.total_episodes,
+        total_episodes=args.total_episodes or (3072 if args.hacking else 4608),
         seed=args.seed,
         kl_coef=0.0 if args.hacking else args.kl_coef,
-        learning_rate=args.ppo_learning_rate,
+        learning_rate=args.ppo_learning_rate or (2e-4 if args.hacking else 1e-4),
         kl_budget=None if args.hacking else 20.0,
         eval_prompts=n_val,  # the fuse chooses on val; the summary tests on eval
         progress=args.progress,

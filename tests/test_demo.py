@@ -66,3 +66,29 @@ def test_demo_with_a_critic_free_advantage(tmp_path, capsys):
     config = json.loads((run / "ppo" / "config.json").read_text())
     assert config["group_size"] == 4 and config["advantage"] == "rloo"
     capsys.readouterr()
+
+
+def test_demo_ppo_settings_default_and_hacking(tmp_path):
+    """Issue 13: the default run takes 1e-4 for 72 updates of 64 prompts; --hacking keeps the
+    larger step (2e-4, 48 updates) with no KL penalty or budget; explicit flags win."""
+    from cliprail.cli import DemoArgs, demo_ppo_config
+
+    data = {"prompts": tmp_path / "prompts.jsonl"}
+    cfg = demo_ppo_config(DemoArgs(), tmp_path, data, tmp_path / "sft", 120)
+    assert (cfg.learning_rate, cfg.total_episodes, cfg.kl_coef, cfg.kl_budget) == (
+        1e-4,
+        4608,
+        0.2,
+        20.0,
+    )
+    assert (cfg.fuse_keep_tolerance, cfg.fuse_tolerance, cfg.fuse_patience) == (0.02, 0.05, 3)
+    hack = demo_ppo_config(DemoArgs(hacking=True), tmp_path, data, tmp_path / "sft", 120)
+    assert (hack.learning_rate, hack.total_episodes, hack.kl_coef, hack.kl_budget) == (
+        2e-4,
+        3072,
+        0.0,
+        None,
+    )
+    own = DemoArgs(hacking=True, ppo_learning_rate=5e-5, total_episodes=640)
+    mine = demo_ppo_config(own, tmp_path, data, tmp_path / "sft", 120)
+    assert (mine.learning_rate, mine.total_episodes) == (5e-5, 640)
