@@ -1,4 +1,4 @@
-"""The safety fuse: it watches the evaluations made outside the reward, keeps the best policy,
+"""The safety fuse: it watches the evaluations made outside the reward, keeps the policy to use,
 and halts a run that has drifted too far or whose true quality is falling.
 
 PPO makes the proxy reward rise; whether the policy got better is for checks that live outside
@@ -37,7 +37,7 @@ class Decision:
     """What one evaluation means for the run."""
 
     keep: bool
-    """Save this policy as the best checkpoint."""
+    """Save this policy as the kept checkpoint (``best/``)."""
     halt: str | None
     """Why the run must stop now, or None."""
 
