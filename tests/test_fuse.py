@@ -145,3 +145,17 @@ def test_safety_first_keeps_the_fewest_failures_and_breaks_ties_by_score():
     gold = SafetyFuse(kl_budget=None, patience=5, tolerance=0.0)
     _run(gold, recs)
     assert gold.best_update == 12
+
+
+def test_negative_tolerances_are_refused():
+    from pathlib import Path
+
+    from cliprail.errors import ConfigError
+    from cliprail.rlhf.ppo import PPOConfig
+
+    with pytest.raises(ValueError, match="must be >= 0"):
+        SafetyFuse(kl_budget=None, patience=3, tolerance=0.05, keep_tolerance=-0.01)
+    for field in ("fuse_keep_tolerance", "fuse_tolerance"):
+        with pytest.raises(ConfigError, match="--fuse-keep-tolerance must be >= 0"):
+            PPOConfig(prompts=Path("p"), sft_model=Path("s"), run_dir=Path("r"),
+                      reward_model=Path("m"), **{field: -0.5})  # fmt: skip
