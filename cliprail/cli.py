@@ -349,10 +349,14 @@ def demo_ppo_config(
         sft_model=sft,
         reward_model=run_dir / "rm" / "model",
         run_dir=run_dir / name,
-        total_episodes=args.total_episodes or (3072 if args.hacking else 4608),
+        total_episodes=(3072 if args.hacking else 4608)
+        if args.total_episodes is None
+        else args.total_episodes,
         seed=args.seed,
         kl_coef=0.0 if args.hacking else args.kl_coef,
-        learning_rate=args.ppo_learning_rate or (2e-4 if args.hacking else 1e-4),
+        learning_rate=(2e-4 if args.hacking else 1e-4)
+        if args.ppo_learning_rate is None
+        else args.ppo_learning_rate,
         kl_budget=None if args.hacking else 20.0,
         eval_prompts=n_val,  # the fuse chooses on val; the summary tests on eval
         progress=args.progress,

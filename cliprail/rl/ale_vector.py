@@ -138,8 +138,9 @@ class ALEVectorEnv(gym.vector.VectorEnv):
         self._stack[:, :-1] = self._stack[:, 1:]
         self._stack[:, -1] = frames[:, 0]
         info: dict[str, Any] = {}
-        new_start = ale_info["frame_number"] - ale_info["episode_frame_number"]  # (N,)
         if game_over.any():
+            # (N,) ALE's frame counter when each env's current game began
+            new_start = ale_info["frame_number"] - ale_info["episode_frame_number"]
             n = self.num_envs
             idx = np.flatnonzero(game_over)
             final_obs = np.full(n, None, dtype=object)
@@ -161,7 +162,7 @@ class ALEVectorEnv(gym.vector.VectorEnv):
             self._stack[idx] = frames[idx]  # the new game's first frame, repeated
             self._score[idx] = 0.0
             self._start[idx] = now
-        self._game_start = np.where(game_over, new_start, self._game_start)
+            self._game_start[idx] = new_start[idx]
         self._lives = lives
         return self._stack.copy(), np.sign(rewards).astype(np.float64), terminated, truncated, info
 

@@ -58,6 +58,7 @@ from gymnasium.wrappers import (
     TimeLimit,
 )
 
+from cliprail.rl.ale_vector import ALEVectorEnv
 from cliprail.rl.envs import EpisodicLife, FireReset
 from cliprail.rl.vector import SameStepSyncVectorEnv
 
@@ -466,7 +467,7 @@ def _sub_envs(envs: gym.vector.VectorEnv) -> list[gym.Env]:
             "--vector async: the sub-envs live in worker processes; exact resume needs "
             "--vector sync"
         )
-    if type(envs).__name__ == "ALEVectorEnv":
+    if isinstance(envs, ALEVectorEnv):
         raise SnapshotError(
             "--vector ale: the games live in ale-py's C++ vector env, whose state cannot be "
             "saved; exact resume needs --vector sync"

@@ -7,7 +7,7 @@ updates the trainer evaluates the policy on held-out prompts and hands the recor
 :meth:`SafetyFuse.observe`, which decides, from the record alone:
 
 * **keep**: the record's score is within ``keep_tolerance`` of the best score so far (the
-  peak; with 0, it must beat every earlier one) and its KL to the reference is within the
+  peak; with 0, it must reach the peak) and its KL to the reference is within the
   budget: the trainer saves this policy as the run's kept checkpoint, so the fuse keeps the
   *latest* policy that is as good as the peak within the evaluation's noise (a policy over the
   budget is never kept, however well it scores). Issue 13's runs are why: on 120 prompts the
@@ -52,8 +52,8 @@ class SafetyFuse:
             ``tolerance``.
         tolerance: the drop in score below the peak that counts as a fall.
         keep_tolerance: keep the latest policy whose score is within this of the peak (0: only
-            a new peak is kept). Applies to the score; with ``failures`` the ranking below
-            decides.
+            a policy at the peak). Applies to the score alone: with ``failures`` the ranking
+            below decides, and it is recorded as 0.
         split: the prompts the fuse evaluates on (recorded, for the reports).
         score: the record's key the choice and the halting follow (``gold`` for the healthcare
             judge; a checks plug-in's ``score``). A record without it (no checks at all) is
@@ -92,7 +92,7 @@ class SafetyFuse:
         if keep_tolerance < 0 or tolerance < 0:
             raise ValueError("tolerance and keep_tolerance must be >= 0")
         self.kl_budget, self.patience, self.tolerance = kl_budget, patience, tolerance
-        self.keep_tolerance = keep_tolerance
+        self.keep_tolerance = 0.0 if failures else keep_tolerance
         self.split, self.score, self.failures = split, score, tuple(failures)
         self.evals: list[dict[str, Any]] = []
         self.best_update = 0  # the kept policy's update and score

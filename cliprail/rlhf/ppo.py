@@ -862,7 +862,7 @@ def _train_ppo(
         cfg.kl_budget,
         cfg.fuse_patience,
         cfg.fuse_tolerance,
-        cfg.fuse_keep_tolerance if cfg.fuse_keep == "gold" else 0.0,
+        cfg.fuse_keep_tolerance,
         held_split,
         score="gold" if judge else "score",  # a user's check set: its score (issue 15)
         failures=SAFETY_FAILURES if cfg.fuse_keep == "safety_first" else (),
